@@ -1,0 +1,119 @@
+"""The one command line: `medgpt <command> [config.yaml] [--section.key value ...]`.
+
+A command is one line in COMMANDS: its module is imported only when it runs, so `medgpt chat` never pays
+for trl, and `medgpt --help` imports nothing heavy. A module exposes a config dataclass and a run function.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+
+from medgpt import __version__
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str
+    config: str          # name of the config dataclass in `module`
+    run: str             # name of the function that takes the config
+    help: str
+    positional: str | None = None  # the list field that bare arguments fill
+
+
+COMMANDS: dict[str, Command] = {
+    "data validate": Command("medgpt.data.commands", "ValidateConfig", "validate",
+                             "Check data files: format, record count, every problem as file:line.",
+                             positional="data.train_files"),
+    "data convert": Command("medgpt.data.commands", "ConvertConfig", "convert",
+                            "Write data files as canonical JSONL records (validated first).",
+                            positional="data.train_files"),
+    "data stats": Command("medgpt.data.commands", "StatsConfig", "stats",
+                          "Token-length percentiles with a tokenizer, and a histogram PNG.",
+                          positional="data.train_files"),
+    "tokenizer train": Command("medgpt.scratch.tokenizer", "TrainConfig", "train",
+                               "Train a byte-level BPE tokenizer on text files.",
+                               positional="data.train_files"),
+}
+
+
+def _groups() -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for name in COMMANDS:
+        head, _, sub = name.partition(" ")
+        groups.setdefault(head, []).append(sub)
+    return groups
+
+
+def usage() -> str:
+    width = max(len(n) for n in COMMANDS) + 2
+    lines = [f"medgpt {__version__}: train, serve and evaluate medical language models.", "",
+             "usage: medgpt <command> [config.yaml] [--section.key VALUE ...]", "", "commands:"]
+    lines += [f"  {name:<{width}} {cmd.help}" for name, cmd in COMMANDS.items()]
+    lines += ["", "Run `medgpt <command> --help` to list a command's options with their docs."]
+    return "\n".join(lines)
+
+
+def fail(message: str, code: int = 1) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def resolve(argv: list[str]) -> tuple[str, Command, list[str]] | None:
+    if not argv:
+        return None
+    groups = _groups()
+    head = argv[0]
+    if head in COMMANDS:
+        return head, COMMANDS[head], argv[1:]
+    if head in groups and len(argv) > 1 and f"{head} {argv[1]}" in COMMANDS:
+        name = f"{head} {argv[1]}"
+        return name, COMMANDS[name], argv[2:]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(__version__)
+        return 0
+
+    found = resolve(argv)
+    if found is None:
+        import difflib
+
+        groups = _groups()
+        head = argv[0]
+        if head in groups:
+            subs = ", ".join(groups[head])
+            return fail(f"'medgpt {head}' needs a subcommand: {subs}. Example: medgpt {head} {groups[head][0]} --help")
+        near = difflib.get_close_matches(head, list(groups), n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        return fail(f"unknown command '{head}'.{hint} Run `medgpt --help` to list the commands.")
+    name, cmd, rest = found
+
+    from medgpt.config import format_help, parse_argv
+    from medgpt.utils import MedGPTError
+
+    try:
+        module = importlib.import_module(cmd.module)
+        config_cls = getattr(module, cmd.config)
+        if any(a in ("-h", "--help") for a in rest):
+            print(format_help(config_cls, name, getattr(module, cmd.run).__doc__ or module.__doc__ or ""))
+            return 0
+        cfg = parse_argv(config_cls, rest, positional=cmd.positional)
+        result = getattr(module, cmd.run)(cfg)
+    except MedGPTError as e:
+        return fail(str(e))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

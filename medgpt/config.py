@@ -1,0 +1,339 @@
+"""Config: dataclass trees filled from YAML defaults and `--section.key value` flags.
+
+    medgpt sft configs/tiny/sft.yaml --train.max_steps 2 --finetune.type lora
+
+Rules (the contract every command relies on):
+- YAML gives defaults, flags win; both are type-checked against the dataclass field types.
+- An unknown key is an error that names the nearest valid key.
+- Every field carries its doc in `metadata["help"]` (see `arg`); `--help` prints them.
+- The resolved config is saved beside the outputs with `save_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from medgpt.utils import MedGPTError, atomic_write
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+_NONE = {"none", "null", "~", ""}
+
+
+def arg(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None) -> Any:
+    """A config field with its documentation. Mutable defaults go through `factory`."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def section(cls: type, help: str = "") -> Any:
+    """A nested group of fields (`--model.*`, `--train.*`, ...)."""
+    return dataclasses.field(default_factory=cls, metadata={"help": help})
+
+
+# ----------------------------------------------------------------------------- introspection
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def iter_fields(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field, Any]]:
+    """Yield (dotted_key, field, type) for every leaf field of a config class."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_fields(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, tp
+
+
+def leaf_keys(cls: type) -> list[str]:
+    return [k for k, _, _ in iter_fields(cls)]
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " (or none)"
+    if origin is list:
+        return f"list of {_type_name(get_args(tp)[0])} (comma-separated)"
+    if origin is dict:
+        return "mapping (k=v,k2=v2)"
+    return getattr(tp, "__name__", str(tp))
+
+
+# ----------------------------------------------------------------------------- coercion
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value or a flag string to `tp`, or raise a MedGPTError naming the key."""
+
+    def fail(why: str = "") -> typing.NoReturn:
+        raise MedGPTError(
+            f"config key '{key}': {value!r} is not a valid {_type_name(tp)}{why}. "
+            f"Fix the value in your YAML file or on the command line (--{key} VALUE)."
+        )
+
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(value, a, key)
+            except MedGPTError:
+                pass
+        fail()
+    if origin is Literal:
+        choices = get_args(tp)
+        for c in choices:
+            if value == c or (isinstance(value, str) and str(c) == value.strip()):
+                return c
+        raise MedGPTError(f"config key '{key}': {value!r} is not one of: {', '.join(map(str, choices))}. "
+                          f"Fix the value in your YAML file or on the command line (--{key} VALUE).")
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if value is None:
+            return []
+        if isinstance(value, str):
+            items = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            items = [value]
+        return [coerce(v, item_tp, key) for v in items]
+    if origin is dict:
+        k_tp, v_tp = get_args(tp)
+        if value is None:
+            return {}
+        if isinstance(value, str):
+            out = {}
+            for part in filter(None, (p.strip() for p in value.split(","))):
+                if "=" not in part:
+                    fail(" (expected k=v pairs separated by commas)")
+                k, v = part.split("=", 1)
+                out[k.strip()] = v.strip()
+            value = out
+        if not isinstance(value, dict):
+            fail()
+        return {coerce(k, k_tp, key): coerce(v, v_tp, key) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        fail(" (use true or false)")
+    if tp is int:
+        if isinstance(value, bool):
+            fail()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""))
+            except ValueError:
+                try:
+                    f = float(value)
+                except ValueError:
+                    fail()
+                if f.is_integer():
+                    return int(f)
+        fail()
+    if tp is float:
+        if isinstance(value, bool):
+            fail()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                fail()
+        fail()
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        fail()
+    fail()
+
+
+# ----------------------------------------------------------------------------- building
+
+def _unknown(key: str, cls: type, source: str) -> MedGPTError:
+    keys = leaf_keys(cls)
+    sections = sorted({k.split(".")[0] for k in keys if "." in k})
+    near = difflib.get_close_matches(key, keys + sections, n=1, cutoff=0.5)
+    hint = f" Did you mean '{near[0]}'?" if near else ""
+    return MedGPTError(
+        f"unknown config key '{key}' ({source}).{hint} "
+        f"Run with --help to list every valid key."
+    )
+
+
+def _flatten(d: dict, mapping_keys: set[str], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'max_steps': 2}} -> {'train.max_steps': 2}; mapping-typed fields stay whole."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and key not in mapping_keys:
+            out.update(_flatten(v, mapping_keys, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _is_mapping(tp: Any) -> bool:
+    if get_origin(tp) in (Union, types.UnionType):
+        return any(_is_mapping(a) for a in get_args(tp))
+    return get_origin(tp) is dict
+
+
+def build(cls: type, values: dict[str, Any], source: dict[str, str] | None = None):
+    """Instantiate `cls` from flat dotted `values`; unknown keys and bad types raise MedGPTError."""
+    source = source or {}
+    types_by_key = {k: tp for k, _, tp in iter_fields(cls)}
+    for key in values:
+        if key not in types_by_key:
+            raise _unknown(key, cls, source.get(key, "from the command line"))
+
+    def make(c: type, prefix: str):
+        hints = _hints(c)
+        kwargs = {}
+        for f in dataclasses.fields(c):
+            tp = hints[f.name]
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(tp):
+                kwargs[f.name] = make(tp, key + ".")
+            elif key in values:
+                kwargs[f.name] = coerce(values[key], tp, key)
+        try:
+            return c(**kwargs)
+        except TypeError as e:  # a required field left unset
+            missing = [f"{prefix}{f.name}" for f in dataclasses.fields(c)
+                       if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                       and f.name not in kwargs]
+            raise MedGPTError(f"missing required config key(s): {', '.join(missing) or e}.") from None
+
+    cfg = make(cls, "")
+    post = getattr(cfg, "validate", None)
+    if callable(post):
+        post()
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise MedGPTError(f"config file not found: {p}. Check the path, or run without it to use the defaults.")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise MedGPTError(f"{where}: this config file is not valid YAML ({getattr(e, 'problem', e)}). "
+                          f"Fix the syntax at that line.") from None
+    except UnicodeDecodeError:
+        raise MedGPTError(f"{p}: a config file must be UTF-8 text.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise MedGPTError(f"{p}: a config file must be a mapping of keys to values (key: value), "
+                          f"not a {type(data).__name__}.")
+    return data
+
+
+def parse_argv(cls: type, argv: list[str], positional: str | None = None):
+    """Parse `[config.yaml] [POSITIONAL...] [--a.b value | --a.b=value | --flag]` into a `cls`.
+
+    `positional` names the list field that bare (non-YAML) arguments fill, e.g. `data.train_files`.
+    """
+    types_by_key = {k: tp for k, _, tp in iter_fields(cls)}
+    mapping_keys = {k for k, tp in types_by_key.items() if _is_mapping(tp)}
+    values: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    flags: dict[str, Any] = {}
+    bare: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("--") and len(tok) > 2:
+            key, eq, val = tok[2:].partition("=")
+            key = key.replace("-", "_") if key not in types_by_key else key
+            if not eq:
+                tp = types_by_key.get(key)
+                nxt = argv[i + 1] if i + 1 < len(argv) else None
+                if tp is bool and (nxt is None or nxt.startswith("--") or nxt.lower() not in _TRUE | _FALSE):
+                    val = "true"
+                elif nxt is None or (nxt.startswith("--") and len(nxt) > 2):
+                    if tp is None:
+                        raise _unknown(key, cls, "from the command line")
+                    raise MedGPTError(f"flag --{key} needs a value ({_type_name(tp)}).")
+                else:
+                    val = nxt
+                    i += 1
+            flags[key] = val
+        else:
+            bare.append(tok)
+        i += 1
+
+    for tok in bare:
+        if tok.endswith((".yaml", ".yml")) and not values:  # the first YAML file is the config
+            for k, v in _flatten(load_yaml(tok), mapping_keys).items():
+                values[k] = v
+                source[k] = f"in {tok}"
+        elif positional:
+            prev = flags.get(positional)
+            flags[positional] = f"{prev},{tok}" if prev else tok
+        else:
+            raise MedGPTError(f"unexpected argument '{tok}'. Options are given as --section.key VALUE; "
+                              f"run with --help to list them.")
+    values.update(flags)
+    return build(cls, values, source)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically); it reloads to the same values."""
+    with atomic_write(path) as f:
+        yaml.safe_dump(to_dict(cfg), f, allow_unicode=True, sort_keys=False)
+
+
+def format_help(cls: type, command: str, doc: str = "") -> str:
+    lines = [f"usage: medgpt {command} [config.yaml] [--section.key VALUE ...]", ""]
+    if doc:
+        lines += [doc.strip(), ""]
+    width = max((len(k) for k in leaf_keys(cls)), default=10) + 2
+    current = None
+    for key, f, tp in iter_fields(cls):
+        sec = key.rsplit(".", 1)[0] if "." in key else ""
+        if sec != current:
+            current = sec
+            lines.append(f"{sec}:" if sec else "options:")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        help_ = f.metadata.get("help", "")
+        lines.append(f"  --{key:<{width}} {help_} [{_type_name(tp)}; default: {default!r}]")
+    return "\n".join(lines)

@@ -1,0 +1,271 @@
+"""Validation reports, and the loader every training command calls.
+
+    medgpt data validate data/train.jsonl 'data/extra/*.json'
+
+Every problem is reported as `file:line: what is wrong`, like a compiler, so a user can jump to it.
+`load_records` validates before it returns anything: a bad record fails the run before a model is
+loaded, not hours into training. `iter_canonical` is the streaming variant for corpora too large to
+check first; it fails at the first bad record instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from itertools import chain, islice
+from typing import Iterator, Literal
+
+from medgpt.data.formats import (FORMATS, SHAPES, RecordError, apply_columns, as_kind, can_convert,
+                                 detect_format, kind_of, to_canonical)
+from medgpt.data.readers import expand_paths, iter_raw
+from medgpt.utils import MedGPTError, log
+
+SNIFF = 20  # valid records looked at to decide a file's format
+SNIFF_MAX = 1000  # ...reading at most this many, so a file of garbage is not buffered whole
+FIX_FORMAT = "set --data.format or map columns with --data.columns"
+KINDS = ("text", "chat", "preference", "prompt", "mcq")
+
+
+@dataclass
+class Problem:
+    """One thing wrong at `file:line` (line 0: the file as a whole)."""
+    file: str
+    line: int
+    message: str
+    level: Literal["error", "warning"] = "error"
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {'warning: ' if self.level == 'warning' else ''}{self.message}"
+
+
+@dataclass
+class FileReport:
+    """What validation found in one source. `count` counts every record read, good or bad;
+    `kinds` are the record kinds the file can be loaded as (e.g. preference -> preference, chat, prompt);
+    `problems` stops growing at max_problems_per_file while `n_errors`/`n_warnings` keep counting."""
+    path: str
+    format: str | None
+    count: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    n_errors: int = 0
+    n_warnings: int = 0
+
+    def add(self, problem: Problem, limit: int) -> None:
+        if problem.level == "error":
+            self.n_errors += 1
+        else:
+            self.n_warnings += 1
+        if len(self.problems) < limit:
+            self.problems.append(problem)
+
+
+def _decide_format(path: str, head: list, fmt: str, columns) -> tuple[str | None, Problem | None]:
+    """The file's format: the one most of its first records have. 'auto' when no record parsed."""
+    if fmt != "auto":
+        return fmt, None
+    valid = [raw for raw in head if raw.obj is not None]
+    if not valid:
+        return "auto", None  # nothing parsed (errors already reported per line): detect record by record
+    votes = Counter()
+    for raw in valid:
+        try:
+            votes[detect_format(apply_columns(raw.obj, columns))] += 1
+        except RecordError:
+            votes[None] += 1
+    best, n = votes.most_common(1)[0]
+    if best is not None and 2 * n > len(valid):
+        return best, None
+    keys = sorted({str(k) for raw in valid for k in raw.obj})
+    mixed = ", ".join(f"{f}: {c}" for f, c in votes.most_common() if f) if len(votes) > 1 else ""
+    message = (f"cannot tell the record format{f' (records look mixed: {mixed})' if mixed else ''}; "
+               f"keys seen: {', '.join(keys[:20])}; {FIX_FORMAT}")
+    return None, Problem(path, valid[0].line, message)
+
+
+def _open(path: str, fmt: str, columns, encoding: str, text_mode: str):
+    """(format, file-level problem, rows) for one source; rows yield (line, canonical record, error)."""
+    raws = iter_raw(path, encoding, text_mode)
+    head, parsed = [], 0
+    for raw in raws:
+        head.append(raw)
+        parsed += raw.obj is not None
+        if parsed >= SNIFF or len(head) >= SNIFF_MAX:
+            break
+    if not head:
+        empty = os.path.isfile(path) and os.path.getsize(path) == 0
+        return None, Problem(path, 1, "file is empty" if empty else "no records (only blank lines?)"), iter(())
+    fmt, problem = _decide_format(path, head, fmt, columns)
+
+    def rows():
+        for raw in chain(head, raws):
+            if raw.error is not None:
+                yield raw.line, None, raw.error
+                continue
+            try:
+                yield raw.line, to_canonical(raw.obj, fmt, columns), None
+            except RecordError as e:
+                yield raw.line, None, str(e)
+    return fmt, problem, rows()
+
+
+def _digest(record: dict) -> bytes:
+    # 8 bytes per record instead of the record itself keeps duplicate detection in bounded memory.
+    text = json.dumps(record, ensure_ascii=False, sort_keys=True)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+
+
+def _wrong_kind(path: str, fmt: str, kind: str, purpose: str | None) -> MedGPTError:
+    have = kind_of(fmt)
+    return MedGPTError(f"{purpose or 'this command'} needs {SHAPES[kind]}; {path} holds {have} records "
+                       f"(format: {fmt}), which cannot be used as {kind} records. Point the command at "
+                       f"{kind} data, or check --data.format / --data.columns")
+
+
+def _file_problem(path: str, error: MedGPTError) -> Problem:
+    return Problem(path, 0, str(error).removeprefix(f"{path}: "))
+
+
+def _check_rows(report: FileReport, rows, kind, records, seen, max_samples, max_problems) -> None:
+    """Feed one file's rows into its report, and into `records` (as `kind` when set) unless it is None."""
+    for line, record, error in rows:
+        report.count += 1
+        if error is None:
+            first = seen.setdefault(_digest(record), (report.path, line))
+            if first != (report.path, line):
+                where = f"line {first[1]}" if first[0] == report.path else f"{first[0]}:{first[1]}"
+                report.add(Problem(report.path, line, f"duplicate of {where}", "warning"), max_problems)
+            if records is not None:
+                try:
+                    records.append(as_kind(record, kind) if kind else record)
+                except RecordError as e:
+                    error = str(e)
+        if error is not None:
+            report.add(Problem(report.path, line, error), max_problems)
+        if max_samples is not None and records is not None and len(records) >= max_samples:
+            return
+
+
+def _scan(specs, kind, keep, *, format, columns, encoding, text_mode, max_samples, max_problems, purpose):
+    """One pass over every source: a report per file, and (when `keep`) the records, as `kind` when set."""
+    if format != "auto" and format not in FORMATS:
+        raise MedGPTError(f"unknown --data.format '{format}'; use auto or one of {', '.join(FORMATS)}")
+    reports, records = [], ([] if keep else None)
+    seen: dict[bytes, tuple[str, int]] = {}  # record digest -> (file, line) where it first appeared
+    for path in expand_paths(specs):
+        if max_samples is not None and keep and len(records) >= max_samples:
+            break
+        report = FileReport(path, None)
+        reports.append(report)
+        try:
+            fmt, problem, rows = _open(path, format, columns, encoding, text_mode)
+        except MedGPTError as e:  # unreadable source (hub offline, bad codec name): one problem, go on
+            report.add(_file_problem(path, e), max_problems)
+            continue
+        if problem is not None:
+            report.add(problem, max_problems)
+            continue
+        if fmt != "auto":  # "auto": no record parsed among the first ones; each record is detected alone
+            report.format = fmt
+            report.kinds = [k for k in KINDS if can_convert(kind_of(fmt), k)]
+            if kind is not None and kind not in report.kinds:
+                raise _wrong_kind(path, fmt, kind, purpose)
+        try:
+            _check_rows(report, rows, kind, records, seen, max_samples, max_problems)
+        except MedGPTError as e:
+            report.add(_file_problem(path, e), max_problems)
+    return reports, records
+
+
+def validate_files(specs: list[str], format: str = "auto", columns: dict[str, str] | None = None,
+                   encoding: str = "auto", text_mode: str = "line", max_problems_per_file: int = 50
+                   ) -> list[FileReport]:
+    """Check every record of every source; never raises for bad data (only for paths that do not exist)."""
+    reports, _ = _scan(specs, None, False, format=format, columns=columns, encoding=encoding, text_mode=text_mode,
+                       max_samples=None, max_problems=max_problems_per_file, purpose=None)
+    return reports
+
+
+def _fail(specs: list[str], reports: list[FileReport]) -> MedGPTError:
+    errors = [p for r in reports for p in r.problems if p.level == "error"]
+    total = sum(r.n_errors for r in reports)
+    lines = "\n".join(f"  {p}" for p in errors[:10])
+    more = f"\n  ... and {total - 10} more" if total > 10 else ""
+    return MedGPTError(f"the data has {total} error{'s' if total != 1 else ''}:\n{lines}{more}\n"
+                       f"Fix them, or run `medgpt data validate {' '.join(specs)}` to see them all.")
+
+
+def load_records(specs: list[str], kind: str | None = None, *, format: str = "auto",
+                 columns: dict[str, str] | None = None, encoding: str = "auto", text_mode: str = "line",
+                 max_samples: int | None = None, purpose: str | None = None) -> list[dict]:
+    """Validated records of `kind` (text/chat/preference/prompt/mcq; None: each file's own) from files,
+    globs, directories, saved `datasets` dirs or hub ids.
+
+    Raises MedGPTError listing the first problems when any record is bad, or naming the file and the shape
+    needed when a file holds the wrong kind of records. `purpose` (e.g. 'dpo') words that message.
+    With `max_samples`, reading stops after that many records (later records are not checked).
+    """
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown kind '{kind}'; known: {', '.join(KINDS)}")
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    reports, records = _scan(specs, kind, True, format=format, columns=columns, encoding=encoding,
+                             text_mode=text_mode, max_samples=max_samples, max_problems=50, purpose=purpose)
+    if any(r.n_errors for r in reports):
+        raise _fail(specs, reports)
+    warnings = sum(r.n_warnings for r in reports)
+    if warnings:
+        log(f"data: {warnings} warning(s) (e.g. duplicates); `medgpt data validate {' '.join(specs)}` lists them")
+    return records[:max_samples] if max_samples is not None else records
+
+
+def iter_canonical(specs: list[str], kind: str | None = None, *, format: str = "auto",
+                   columns: dict[str, str] | None = None, encoding: str = "auto", text_mode: str = "line",
+                   max_samples: int | None = None, purpose: str | None = None) -> Iterator[dict]:
+    """Records of `kind` (None: each file's own), streamed without upfront validation.
+
+    Raises MedGPTError at the first bad `file:line`. Duplicates are not looked for.
+    """
+    if format != "auto" and format not in FORMATS:
+        raise MedGPTError(f"unknown --data.format '{format}'; use auto or one of {', '.join(FORMATS)}")
+
+    def stream():
+        for path in expand_paths(specs):
+            fmt, problem, rows = _open(path, format, columns, encoding, text_mode)
+            if problem is not None:
+                raise MedGPTError(str(problem))
+            if kind is not None and fmt != "auto" and not can_convert(kind_of(fmt), kind):
+                raise _wrong_kind(path, fmt, kind, purpose)
+            for line, record, error in rows:
+                try:
+                    if error is not None:
+                        raise RecordError(error)
+                    yield as_kind(record, kind) if kind else record
+                except RecordError as e:
+                    raise MedGPTError(f"{path}:{line}: {e}\nRun `medgpt data validate {path}` to list every "
+                                      "problem in the file.") from None
+    return islice(stream(), max_samples)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def format_report(reports: list[FileReport]) -> str:
+    """Text for `medgpt data validate`: a header per file, its problems, then a summary line."""
+    out = []
+    for r in reports:
+        out.append(f"{r.path}: {r.format or 'unknown format'}, {_plural(r.count, 'record')}, "
+                   f"{_plural(r.n_errors, 'error')}, {_plural(r.n_warnings, 'warning')}")
+        out += [f"  {p}" for p in r.problems]
+        hidden = r.n_errors + r.n_warnings - len(r.problems)
+        if hidden:
+            out.append(f"  ... {hidden} more not shown")
+    errors, warnings = sum(r.n_errors for r in reports), sum(r.n_warnings for r in reports)
+    verdict = "fix the errors above before training" if errors else "OK"
+    out.append(f"{_plural(len(reports), 'file')}, {_plural(sum(r.count for r in reports), 'record')}, "
+               f"{_plural(errors, 'error')}, {_plural(warnings, 'warning')}: {verdict}")
+    return "\n".join(out)

@@ -1,0 +1,1 @@
+"""Model loading, adapter merging and vocabulary changes."""

@@ -1,0 +1,148 @@
+"""The one place that calls `from_pretrained`: tokenizers, models, adapters, quantization.
+
+Keeping every load here means one set of rules everywhere: safetensors only, `trust_remote_code` off unless
+asked, and a clear error (not a traceback) for a path that does not exist or a hub id that cannot be reached.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from medgpt.args import ModelArgs
+from medgpt.utils import MedGPTError
+
+
+def _check_source(name_or_path: str, what: str = "model") -> None:
+    if not name_or_path:
+        raise MedGPTError(f"no {what} given. Add --model.name_or_path DIR (a local HF-format directory) or a hub id.")
+    p = Path(name_or_path)
+    looks_local = p.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") != 1
+    if looks_local and not p.exists():
+        raise MedGPTError(f"{what} path {name_or_path} does not exist. Check --model.name_or_path "
+                          f"(a local directory, or a hub id such as Qwen/Qwen2.5-0.5B-Instruct).")
+
+
+def _hub_error(name_or_path: str, e: Exception) -> MedGPTError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    why = "HF_HUB_OFFLINE=1 is set" if offline else "it could not be downloaded"
+    return MedGPTError(f"could not load {name_or_path}: {why} ({type(e).__name__}: {str(e).splitlines()[0]}). "
+                       f"Pass a local directory, or go online once so the hub files are cached.")
+
+
+def load_tokenizer(model: ModelArgs):
+    """AutoTokenizer for `model.name_or_path` (the adapter dir's tokenizer wins when it has one)."""
+    from transformers import AutoTokenizer
+
+    src = model.name_or_path
+    if model.adapter and (Path(model.adapter) / "tokenizer_config.json").exists():
+        src = model.adapter
+    _check_source(src, "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _hub_error(src, e) from None
+    if tok.pad_token is None:
+        # Padding is always masked out of the loss; reusing EOS as pad is then harmless.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def pick_dtype(name: str):
+    """`auto`: bfloat16 on a GPU that supports it, float16 on older GPUs, float32 on CPU."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _quantization_config(compute_dtype):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise MedGPTError("QLoRA needs bitsandbytes: pip install 'medgpt[qlora]' (or --finetune.type lora).") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_model(model: ModelArgs, finetune=None, task: str = "causal_lm", num_labels: int = 1,
+               gradient_checkpointing: bool = False, vocab_size: int | None = None):
+    """Load a model for training or inference, with LoRA/QLoRA when `finetune` asks for it.
+
+    task: "causal_lm" or "seq_cls" (reward and value models: one scalar per sequence).
+    vocab_size: resize the embeddings to this size first (a tokenizer with added tokens); the new rows then
+    train even under LoRA (they are saved in the adapter through `modules_to_save`).
+    Returns the (possibly PEFT-wrapped) model.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    _check_source(model.name_or_path)
+    ft_type = getattr(finetune, "type", "full")
+    dtype = pick_dtype(model.dtype)
+    kwargs = dict(dtype=dtype, trust_remote_code=model.trust_remote_code, use_safetensors=True)
+    if ft_type == "qlora":
+        kwargs["quantization_config"] = _quantization_config(dtype)
+    if task == "seq_cls":
+        cls, kwargs["num_labels"] = AutoModelForSequenceClassification, num_labels
+    else:
+        cls = AutoModelForCausalLM
+    try:
+        net = cls.from_pretrained(model.name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        if "safetensors" in str(e).lower():
+            raise MedGPTError(f"{model.name_or_path} has no safetensors weights; only safetensors are loaded (a "
+                              f".bin checkpoint can run code when unpickled). Convert it once with "
+                              f"`save_pretrained(..., safe_serialization=True)`.") from None
+        raise _hub_error(model.name_or_path, e) from None
+    if task == "seq_cls" and net.config.pad_token_id is None:
+        net.config.pad_token_id = net.config.eos_token_id if isinstance(net.config.eos_token_id, int) else 0
+
+    resized = False
+    if vocab_size is not None and vocab_size != net.get_input_embeddings().weight.shape[0]:
+        from medgpt.model.vocab import resize_embeddings
+
+        resize_embeddings(net, vocab_size)
+        resized = True
+
+    if gradient_checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        net.config.use_cache = False
+
+    if model.adapter:
+        from peft import PeftModel
+
+        if not Path(model.adapter).exists():
+            raise MedGPTError(f"adapter path {model.adapter} does not exist. Check --model.adapter.")
+        net = PeftModel.from_pretrained(net, model.adapter, is_trainable=ft_type in ("lora", "qlora"))
+    elif ft_type in ("lora", "qlora"):
+        net = add_lora(net, finetune, task=task, train_embeddings=resized, quantized=ft_type == "qlora",
+                       gradient_checkpointing=gradient_checkpointing)
+    return net
+
+
+def add_lora(net, finetune, task: str = "causal_lm", train_embeddings: bool = False, quantized: bool = False,
+             gradient_checkpointing: bool = False):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=gradient_checkpointing)
+    targets = finetune.target_modules
+    target = "all-linear" if targets in (["all-linear"], ["all"]) else targets
+    save = []
+    if task == "seq_cls":
+        save.append("score")  # the reward head starts random: it must train fully, not through LoRA
+    if train_embeddings:
+        save += ["embed_tokens", "lm_head"]
+    config = LoraConfig(r=finetune.lora_rank, lora_alpha=finetune.lora_alpha, lora_dropout=finetune.lora_dropout,
+                        target_modules=target, modules_to_save=save or None,
+                        task_type="SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM")
+    try:
+        return get_peft_model(net, config)
+    except ValueError as e:
+        raise MedGPTError(f"cannot add LoRA to this model: {e}. Check --finetune.target_modules "
+                          f"(module names such as q_proj,v_proj, or all-linear).") from None

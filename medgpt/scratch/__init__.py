@@ -1,0 +1,1 @@
+"""From-scratch path: tokenizer training, corpus packing, mini model configs."""
