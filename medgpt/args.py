@@ -59,6 +59,21 @@ class TrainArgs:
     gradient_accumulation_steps: int = arg(1, "Micro-batches per optimizer step.")
     max_length: int = arg(1024, "Longest tokenized sample; longer conversations lose whole turns from the end.")
     seed: int = arg(42, "Random seed (data order, init, dropout).")
+    lr_scheduler: str = arg("cosine", "Learning-rate schedule after warmup: cosine, linear, constant, "
+                            "warmup_stable_decay, ...")
+    warmup: float = arg(0.03, "Warmup: a fraction of the total steps (< 1) or a number of steps (>= 1).")
+    weight_decay: float = arg(0.0, "AdamW weight decay.")
+    max_grad_norm: float = arg(1.0, "Clip gradients to this global norm.")
+    gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = arg(
+        "auto", "Mixed precision: auto uses bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU.")
+    logging_steps: int = arg(10, "Log loss and learning rate every N steps (progress bar, TensorBoard).")
+    save_steps: int = arg(500, "Write a resumable checkpoint-N every N steps (0: only the final model).")
+    save_total_limit: int = arg(2, "Keep at most this many checkpoints.")
+    eval_steps: int = arg(0, "Evaluate every N steps when eval data exists (0: once at the end).")
+    eval_batch_size: int = arg(8, "Per-device batch size for evaluation.")
+    num_workers: int = arg(0, "Data-loader worker processes.")
+    tensorboard: bool = arg(True, "Write TensorBoard logs under <output_dir>/runs/.")
 
 
 @dataclass
@@ -67,3 +82,12 @@ class GenArgs:
     temperature: float = arg(0.7, "Sampling temperature; 0 means greedy.")
     top_p: float = arg(0.9, "Nucleus sampling: keep the smallest token set with this total probability.")
     repetition_penalty: float = arg(1.1, "Penalty > 1 discourages repeating tokens.")
+
+
+@dataclass
+class RewardArgs:
+    model: Optional[str] = arg(None, "Reward model directory (the output of `medgpt rm`).")
+    functions: list[str] = arg(factory=list, help="Built-in rule rewards: answer_match (records with an answer), "
+                               "length, format, repetition; comma-separated.")
+    weights: list[float] = arg(factory=list, help="One weight per reward source: the reward model first (when "
+                               "given), then each function in order. Default: all 1.")

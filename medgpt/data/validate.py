@@ -269,3 +269,26 @@ def format_report(reports: list[FileReport]) -> str:
     out.append(f"{_plural(len(reports), 'file')}, {_plural(sum(r.count for r in reports), 'record')}, "
                f"{_plural(errors, 'error')}, {_plural(warnings, 'warning')}: {verdict}")
     return "\n".join(out)
+
+
+def load_splits(data, kind: str, *, purpose: str | None = None, seed: int = 42) -> tuple[list[dict], list[dict]]:
+    """Train and eval records for a training command, from `DataArgs`: eval from `eval_files`, or a seeded
+    `eval_split` fraction held out of train. Everything is validated before any model loads."""
+    import random
+
+    if not data.train_files:
+        raise MedGPTError(f"no training data given. Add --data.train_files FILES"
+                          f"{f' ({purpose} needs {kind} records)' if purpose else ''}.")
+    common = dict(format=data.format, columns=data.columns, encoding=data.encoding, text_mode=data.text_mode,
+                  max_samples=data.max_samples, purpose=purpose)
+    train = load_records(data.train_files, kind, **common)
+    if data.eval_files:
+        return train, load_records(data.eval_files, kind, **common)
+    if data.eval_split > 0 and len(train) > 1:
+        rng = random.Random(seed)
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        n_eval = max(1, int(len(train) * data.eval_split))
+        held = set(order[:n_eval])
+        return [r for i, r in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+    return train, []

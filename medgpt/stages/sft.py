@@ -1,0 +1,82 @@
+"""Supervised fine-tuning on conversations: only the assistant's words (and its end-of-turn token) train.
+
+    medgpt sft configs/tiny/sft.yaml
+    medgpt sft --model.name_or_path Qwen/Qwen2.5-0.5B-Instruct --data.train_files data/demo/sft_sharegpt.jsonl \
+        --finetune.type lora --template tokenizer --output_dir out/sft
+
+Recipe: validate data -> tokenizer + template -> tokenize (ids, labels) -> load model (+LoRA) -> TRL SFTTrainer
+-> save. Labels come from medgpt.data.templates, never from the trainer, so training and inference render the
+same template (it is saved into the output tokenizer).
+
+Packing (--sft.packing): padding-free. Conversations are concatenated into rows of max_length with position
+ids restarting per conversation; transformers turns those into a block-diagonal causal mask for sdpa/eager and
+variable-length kernels for flash-attention, so no token attends across conversations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from medgpt.args import DataArgs, FinetuneArgs, ModelArgs, TrainArgs
+from medgpt.config import arg, section
+
+
+@dataclass
+class SFTArgs:
+    packing: bool = arg(False, "Pack conversations into full rows (padding-free; no attention across samples).")
+    neftune_noise_alpha: Optional[float] = arg(None, "NEFTune: add uniform noise of this scale to the input "
+                                               "embeddings while training (e.g. 5). None disables it.")
+
+
+@dataclass
+class Config:
+    model: ModelArgs = section(ModelArgs)
+    data: DataArgs = section(DataArgs, "Conversations: Alpaca, ShareGPT, OpenAI messages, QA pairs, ...")
+    finetune: FinetuneArgs = section(FinetuneArgs)
+    train: TrainArgs = section(TrainArgs)
+    sft: SFTArgs = section(SFTArgs)
+    template: str = arg("tokenizer", "Chat template name, or `tokenizer` to use the tokenizer's own.")
+    output_dir: str = arg("", "Where checkpoints, the final model and logs go.")
+    overwrite: bool = arg(False, "Write into a non-empty output_dir.")
+    resume: bool = arg(False, "Continue from the last complete checkpoint in output_dir.")
+
+
+def run(cfg: Config) -> int:
+    """Supervised fine-tuning with assistant-only labels."""
+    from medgpt import run as R
+    from medgpt.data.prepare import chat_dataset
+    from medgpt.data.templates import apply_template, get_template_for
+    from medgpt.data.validate import load_splits
+    from medgpt.model.load import load_model, load_tokenizer
+
+    # Data first: a bad file fails in seconds, before any model loads.
+    train_records, eval_records = load_splits(cfg.data, "chat", purpose="sft", seed=cfg.train.seed)
+    from trl import SFTConfig, SFTTrainer
+    out = R.start(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    template = get_template_for(cfg.template, tokenizer)
+    train_ds = chat_dataset(train_records, template, tokenizer, cfg.train.max_length, "train")
+    eval_ds = chat_dataset(eval_records, template, tokenizer, cfg.train.max_length, "eval") if eval_records else None
+
+    model = load_model(cfg.model, cfg.finetune, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    R.log_parameters(model)
+    apply_template(tokenizer, template)  # the saved tokenizer renders exactly what we trained on
+
+    args = SFTConfig(
+        **R.trainer_kwargs(cfg.train, out, has_eval=eval_ds is not None),
+        max_length=cfg.train.max_length,
+        packing=cfg.sft.packing,
+        packing_strategy="bfd",
+        padding_free=cfg.sft.packing,
+        neftune_noise_alpha=cfg.sft.neftune_noise_alpha,
+        dataset_num_proc=None,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, callbacks=[R.checkpoint_callback()])
+    result = trainer.train(resume_from_checkpoint=R.resume_checkpoint(cfg, out))
+    metrics = dict(result.metrics)
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate())
+    R.save_artifacts(trainer, tokenizer, out, metrics)
+    return 0
