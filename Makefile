@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The CPU build of torch is pinned and installed first, so nothing later pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,qlora
 DEMO_OUT ?= outputs/demo
 
 .PHONY: install demo test test-fast lint clean
