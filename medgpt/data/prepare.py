@@ -53,3 +53,58 @@ def text_blocks(texts: Iterable[str], tokenizer, block_size: int):
         while len(buf) >= block_size:
             yield buf[:block_size]
             buf = buf[block_size:]
+
+
+def fit_prompt(prompt: list[dict], replies: list[list[dict]], template, tokenizer, max_length: int | None,
+               max_prompt_length: int | None = None) -> list[dict] | None:
+    """The prompt of a preference/KTO record, shortened by whole turns until it fits; None when it cannot.
+
+    Fits means: prompt + each reply is at most `max_length` tokens, and the prompt with its generation prompt is
+    at most `max_prompt_length` (when set). The oldest (user, assistant) exchanges go first; a system message and
+    the last user turn always stay. Replies are never cut: a reply without its end-of-turn token would teach the
+    model not to stop. (`encode`'s own truncation drops turns from the end, which would cut the reply away.)
+    """
+    from medgpt.data.templates import encode_prompt
+
+    head = prompt[:1] if prompt[0]["role"] == "system" else []
+    turns = prompt[len(head):]
+    for start in range(0, len(turns), 2):
+        candidate = head + turns[start:]
+        if max_prompt_length is not None and len(encode_prompt(candidate, template, tokenizer)) > max_prompt_length:
+            continue
+        if max_length is None or all(_n_tokens(candidate + reply, template, tokenizer) <= max_length
+                                     for reply in replies):
+            return candidate
+    return None
+
+
+def _n_tokens(messages: list[dict], template, tokenizer) -> int:
+    enc = encode(messages, template, tokenizer)  # no max_length: the whole conversation
+    return len(enc.input_ids) if enc is not None else 0
+
+
+def prompt_dataset(records: list[dict], template, tokenizer, max_prompt_length: int, what: str = "train"):
+    """Prompt records -> Dataset(prompt[, answer]) for TRL's online trainers (GRPO, RLOO), which render each prompt
+    with the tokenizer's chat template themselves (set it to ours with `apply_template` first). Prompts longer
+    than max_prompt_length tokens lose their oldest exchanges (`fit_prompt`); one whose last user turn alone does
+    not fit is dropped and counted. `answer` is kept (None where a record has none) for answer_match."""
+    from datasets import Dataset
+
+    keep_answer = any("answer" in r for r in records)
+    rows, dropped, shortened = [], 0, 0
+    for rec in records:
+        prompt = fit_prompt(rec["prompt"], [], template, tokenizer, None, max_prompt_length)
+        if prompt is None:
+            dropped += 1
+            continue
+        shortened += len(prompt) < len(rec["prompt"])
+        rows.append({"prompt": prompt, **({"answer": rec.get("answer")} if keep_answer else {})})
+    if dropped or shortened:
+        log(f"{what}: {shortened} prompts shortened (oldest turns) and {dropped} dropped to fit in "
+            f"{max_prompt_length} tokens (--train.max_length minus the completion length)")
+    if not rows:
+        raise MedGPTError(f"{what}: no prompt fits in {max_prompt_length} tokens (--train.max_length minus the "
+                          f"completion length). Raise --train.max_length.")
+    log(f"{what}: {len(rows)} prompts" + (f", {sum(r['answer'] is not None for r in rows)} with a reference answer"
+                                          if keep_answer else ""))
+    return Dataset.from_list(rows)
