@@ -122,8 +122,8 @@ def simpo_loss(
     Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward",
     https://arxiv.org/abs/2405.14734, eq. 6:
         z = β/|y_w| log π(y_w|x) - β/|y_l| log π(y_l|x) - γ,   L = -log σ(z).
-    `gamma` is the *absolute* margin γ of the paper, not the ratio γ/β that TRL's CPO trainer
-    (`simpo_gamma`) and the SimPO repo (`gamma_beta_ratio`) take: their ratio r equals gamma = r · beta.
+    `gamma` is the *absolute* margin γ of the paper (TRL's CPO `simpo_gamma` is the same quantity). The SimPO
+    repo's `gamma_beta_ratio` r is γ/β: convert with gamma = r · beta.
 
     loss_type "sigmoid": -(1 - ε) log σ(z) - ε log σ(-z), ε = label_smoothing (conservative DPO-style smoothing);
     loss_type "hinge": max(0, 1 - z), as in the SimPO repo (label_smoothing ignored).

@@ -1,0 +1,186 @@
+"""Shared pieces of the reference-free preference stages (`medgpt orpo`, `medgpt simpo`): pair tokenization, the
+collator and a small `transformers.Trainer` whose loss is an injected pure function from `medgpt.losses`.
+
+    preference_dataset(records, template, tokenizer, max_length)  -> Dataset(chosen_/rejected_ input_ids, labels)
+    PreferenceCollator(pad_id)                                     -> batch of 2B rows: chosen rows, then rejected
+    PreferenceTrainer(..., loss_fn=partial(orpo_loss, beta=0.1))   -> one forward pass over both halves
+
+Labels: only the final reply (with its end-of-turn token) trains. Earlier assistant turns of a multi-turn prompt
+are context, not targets: everything before `encode_prompt(prompt)` is -100.
+
+Too long for --train.max_length: whole exchanges are dropped from the *start* of the prompt (the system message
+stays) until the pair fits; a pair whose last user turn plus reply still does not fit is dropped and counted.
+(`encode`'s own truncation drops turns from the end, which here would cut away the reply being compared.)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers import Trainer
+
+from medgpt.data.templates import IGNORE_INDEX, encode, encode_prompt
+from medgpt.losses import sequence_logps
+from medgpt.utils import MedGPTError, log
+
+# ------------------------------------------------------------------------------------------------ tokenization
+
+
+def _runs(labels: list[int]) -> int:
+    """Number of contiguous trained stretches (one per assistant turn: role headers between turns never train)."""
+    return sum(1 for i, x in enumerate(labels) if x != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX))
+
+
+def encode_response(prompt: list[dict], response: list[dict], template, tokenizer) -> tuple[list, list] | None:
+    """ids, labels of prompt + response where only the response trains; None if nothing of it trains.
+
+    The prompt's ids (rendered with the generation prompt) are normally an exact prefix of the full ids. If BPE
+    merges across the prompt/reply boundary they are not: we then mask the common prefix only; the merged token
+    starts inside the prompt, so `encode` already leaves it untrained. Either way the result must have exactly
+    one trained stretch per response turn; a template that renders the prompt differently once a reply follows
+    (so earlier turns would leak into the loss) is refused.
+    """
+    enc = encode(prompt + response, template, tokenizer)  # no max_length: see the module docstring
+    if enc is None:
+        return None
+    prompt_ids = encode_prompt(prompt, template, tokenizer)
+    n = 0
+    for a, b in zip(prompt_ids, enc.input_ids):
+        if a != b:
+            break
+        n += 1
+    labels = [IGNORE_INDEX] * n + enc.labels[n:]
+    if _runs(labels) == 0:
+        return None
+    if _runs(labels) != sum(m["role"] == "assistant" for m in response):
+        raise MedGPTError(
+            "This chat template renders a prompt differently once a reply follows it (the prompt's tokens are not "
+            "a prefix of prompt + reply), so the reply to train on cannot be located. Pick a named template with "
+            "--template NAME (e.g. chatml) instead of the tokenizer's own.")
+    return enc.input_ids, labels
+
+
+def _shortened(prompt: list[dict]):
+    """The prompt, then with its oldest (user, assistant) exchanges removed one by one; the system message stays."""
+    head = prompt[:1] if prompt[0]["role"] == "system" else []
+    turns = prompt[len(head):]
+    for start in range(0, len(turns), 2):
+        yield head + turns[start:]
+
+
+def encode_pair(record: dict, template, tokenizer, max_length: int) -> tuple[dict | None, bool]:
+    """(row, shortened): the tokenized pair, or None if it cannot fit; shortened if prompt turns were dropped."""
+    for k, prompt in enumerate(_shortened(record["prompt"])):
+        chosen = encode_response(prompt, record["chosen"], template, tokenizer)
+        rejected = encode_response(prompt, record["rejected"], template, tokenizer)
+        if chosen is None or rejected is None:
+            return None, False  # a reply with nothing to train (cannot happen with a well-formed record)
+        if max(len(chosen[0]), len(rejected[0])) <= max_length:
+            return {"chosen_input_ids": chosen[0], "chosen_labels": chosen[1],
+                    "rejected_input_ids": rejected[0], "rejected_labels": rejected[1]}, k > 0
+    return None, False
+
+
+def preference_dataset(records: list[dict], template, tokenizer, max_length: int, what: str = "train"):
+    """Preference records -> Dataset(chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels)."""
+    from datasets import Dataset
+
+    rows, dropped, shortened = [], 0, 0
+    for rec in records:
+        row, short = encode_pair(rec, template, tokenizer, max_length)
+        if row is None:
+            dropped += 1
+            continue
+        rows.append(row)
+        shortened += short
+    if shortened:
+        log(f"{what}: {shortened} pairs lost their oldest prompt turns to fit --train.max_length {max_length}")
+    if dropped:
+        log(f"{what}: dropped {dropped} of {len(records)} pairs whose last prompt turn plus reply is longer than "
+            f"--train.max_length {max_length} (raise it to keep them)")
+    if not rows:
+        raise MedGPTError(f"{what}: no preference pair fits in --train.max_length {max_length} tokens. "
+                          f"Raise --train.max_length.")
+    n_tokens = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
+    log(f"{what}: {len(rows)} preference pairs, {n_tokens:,} tokens (chosen + rejected)")
+    return Dataset.from_list(rows)
+
+
+@dataclass
+class PreferenceCollator:
+    """Right-pads a list of pairs into one batch of 2B rows: chosen rows first, then rejected rows, so a single
+    forward pass covers both. Padding is `pad_id` in input_ids, -100 in labels and 0 in the attention mask."""
+
+    pad_id: int
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        seqs = [(r["chosen_input_ids"], r["chosen_labels"]) for r in rows]
+        seqs += [(r["rejected_input_ids"], r["rejected_labels"]) for r in rows]
+        width = max(len(ids) for ids, _ in seqs)
+        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, (ids, lab) in enumerate(seqs):
+            input_ids[i, :len(ids)] = torch.tensor(ids)
+            labels[i, :len(lab)] = torch.tensor(lab)
+            attention_mask[i, :len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+
+LossFn = Callable[..., "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+class PreferenceTrainer(Trainer):
+    """A Trainer for reference-free pairwise losses.
+
+    `loss_fn(policy_chosen_logps_avg, policy_rejected_logps_avg, chosen_nll) -> (loss, metrics)`: [B] length-
+    averaged log-probs of the chosen and rejected replies, and the per-pair NLL of the chosen reply (its negated
+    average log-prob). Metrics are collected per micro-batch and averaged per logging step (as TRL does), and the
+    same numbers are computed on eval data (eval_loss, eval_rewards/accuracies, ...).
+    """
+
+    loss_is_scaled_for_ga = False  # our loss is a per-batch mean: the Trainer divides it by the accumulation steps
+
+    def __init__(self, *args, loss_fn: LossFn, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.args.remove_unused_columns = False  # chosen_*/rejected_* columns are not model.forward arguments
+        self.loss_fn = loss_fn
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.last_train_metrics: dict[str, float] = {}  # the most recent logged window, for metrics.json
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        # Right padding and a causal mask: padding sits after every real token, so it changes no real logit.
+        logps = sequence_logps(outputs.logits, inputs["labels"], average=True)
+        n = logps.shape[0] // 2
+        chosen, rejected = logps[:n], logps[n:]
+        loss, metrics = self.loss_fn(chosen, rejected, -chosen)
+        metrics = {**metrics, "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean()}
+        mode = "train" if model.training else "eval"
+        for key, value in metrics.items():
+            value = self.accelerator.gather(value.detach().float().reshape(1))  # one number per process
+            self._metrics[mode][key].append(value.mean().item())
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # The default would look for a model-computed loss; ours comes from compute_loss, logits are not needed.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {key: sum(vals) / len(vals) for key, vals in self._metrics[mode].items() if vals}
+        if mode == "train" and metrics:
+            self.last_train_metrics = metrics
+        if mode == "eval":
+            metrics = {f"eval_{key}": val for key, val in metrics.items()}  # the Trainer's eval keys carry eval_
+        logs.update(metrics)  # in place: evaluate() returns this very dict
+        super().log(logs, start_time)
+        self._metrics[mode].clear()
