@@ -382,3 +382,15 @@ def apply_template(tokenizer, name: str | Template) -> None:
     check_tokenizer(template, tokenizer)
     if not template.from_tokenizer:
         tokenizer.chat_template = to_jinja(template)
+
+
+def stop_token_ids(template: Template | str, tokenizer) -> list[int]:
+    """Ids that end a reply when generating: the tokenizer's eos, then each of the template's `stop` strings that
+    is a single token of this tokenizer (<|im_end|>, <|eot_id|>, ...). Multi-token stops ("USER:") are left out:
+    they need string matching, not an eos id."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for stop in get_template(template).stop:
+        piece = tokenizer(stop, add_special_tokens=False)["input_ids"]
+        if len(piece) == 1 and piece[0] not in ids:
+            ids.append(piece[0])
+    return ids

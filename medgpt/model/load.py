@@ -87,6 +87,11 @@ def load_model(model: ModelArgs, finetune=None, task: str = "causal_lm", num_lab
     kwargs = dict(dtype=dtype, trust_remote_code=model.trust_remote_code, use_safetensors=True)
     if ft_type == "qlora":
         kwargs["quantization_config"] = _quantization_config(dtype)
+        import torch
+
+        if torch.cuda.is_available():
+            # bitsandbytes places 4-bit weights at load time: each process must load onto its own GPU.
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     if task == "seq_cls":
         cls, kwargs["num_labels"] = AutoModelForSequenceClassification, num_labels
     else:
@@ -146,3 +151,42 @@ def add_lora(net, finetune, task: str = "causal_lm", train_embeddings: bool = Fa
     except ValueError as e:
         raise MedGPTError(f"cannot add LoRA to this model: {e}. Check --finetune.target_modules "
                           f"(module names such as q_proj,v_proj, or all-linear).") from None
+
+
+def load_reward_model(path: str, dtype: str = "auto"):
+    """A trained reward model, frozen for scoring, and its own tokenizer: `(model, tokenizer)`.
+
+    `path` is the output dir of `medgpt rm`: full weights (a plain sequence-classification model), or a LoRA
+    adapter whose base is read from adapter_config.json (`base_model_name_or_path`); the adapter (LoRA weights and
+    its fully trained `score` head) is merged in, so scoring costs one plain forward pass.
+    """
+    import json
+
+    p = Path(path)
+    if not p.is_dir():
+        raise MedGPTError(f"reward model {path} does not exist (or is not a directory). Pass the output dir of "
+                          f"`medgpt rm` to --reward.model.")
+    adapter_config = p / "adapter_config.json"
+    if adapter_config.exists():
+        base = json.loads(adapter_config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if not base:
+            raise MedGPTError(f"{adapter_config} names no base model (base_model_name_or_path). Set it to the "
+                              f"model the reward adapter was trained on, or pass a merged model (`medgpt merge`).")
+        if (Path(base).is_absolute() or base.startswith((".", "~"))) and not Path(base).exists():
+            raise MedGPTError(f"the reward adapter {path} was trained on {base}, which does not exist here. Edit "
+                              f"base_model_name_or_path in {adapter_config} to where that model is now, or pass "
+                              f"a merged reward model (`medgpt merge`).")
+        args = ModelArgs(name_or_path=base, adapter=str(p), dtype=dtype)
+    elif (p / "config.json").exists():
+        args = ModelArgs(name_or_path=str(p), dtype=dtype)
+    else:
+        raise MedGPTError(f"{path} holds neither a model (config.json) nor a LoRA adapter (adapter_config.json). "
+                          f"Pass the output dir of `medgpt rm` to --reward.model.")
+    net = load_model(args, task="seq_cls")
+    if args.adapter:
+        net = net.merge_and_unload()
+    tokenizer = load_tokenizer(args)  # the adapter dir's tokenizer (with its chat template) wins
+    # The reward is read at the last non-pad token: the model must agree with the tokenizer on what pad is.
+    net.config.pad_token_id = tokenizer.pad_token_id
+    net.eval().requires_grad_(False)
+    return net, tokenizer

@@ -1,0 +1,151 @@
+"""GRPO: online RL with group-relative advantages (DeepSeekMath, https://huggingface.co/papers/2402.03300).
+
+    medgpt grpo configs/tiny/grpo.yaml --model.name_or_path DIR --output_dir out/grpo
+    medgpt grpo --model.name_or_path out/sft-merged --data.train_files data/demo/mcq.jsonl \
+        --reward.functions answer_match,format --grpo.num_generations 8 --train.batch_size 8 --output_dir out/grpo
+
+For each prompt the policy samples a group of `num_generations` replies; every reply is scored by the reward
+sources (`--reward.model` and/or `--reward.functions`, weighted by `--reward.weights`), and its advantage is its
+reward relative to the group's mean (scaled by the group's std). No value model. `--grpo.beta` adds a KL penalty
+toward the starting policy.
+
+Recipe: validate data (prompt records; preference and chat data become prompts, `answer` is kept for
+answer_match) -> check rewards and batch shape -> tokenizer + template (TRL renders prompts with the tokenizer's
+chat template, which `apply_template` makes ours) -> prompts that fit -> reward sources -> policy (+LoRA) -> TRL
+GRPOTrainer (generation with transformers; no vLLM) -> save.
+
+Batch shape: --train.batch_size counts *completions*. The completions of one optimizer step (batch_size x
+gradient_accumulation_steps x processes) must hold whole groups, i.e. be a multiple of --grpo.num_generations;
+each step then trains on that many / num_generations prompts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from medgpt.args import DataArgs, FinetuneArgs, ModelArgs, RewardArgs, TrainArgs
+from medgpt.config import arg, section
+from medgpt.utils import MedGPTError
+
+
+@dataclass
+class GRPOArgs:
+    num_generations: int = arg(4, "Replies sampled per prompt (one group, at least 2). Completions per step "
+                               "(batch_size x gradient_accumulation_steps x processes) must be a multiple of it.")
+    max_completion_length: int = arg(256, "Most tokens generated per reply. Prompts get --train.max_length minus "
+                                     "this; longer ones lose their oldest turns.")
+    beta: float = arg(0.04, "KL penalty toward the starting policy. 0 keeps no reference model (less memory, "
+                      "faster) but lets the policy drift freely.")
+    temperature: float = arg(1.0, "Sampling temperature: replies in a group must differ for rewards to differ.")
+    top_p: float = arg(1.0, "Nucleus sampling for the replies (1.0: the full distribution).")
+    epsilon: float = arg(0.2, "Clip range of the importance ratio (as in PPO).")
+    epsilon_high: Optional[float] = arg(None, "Upper clip bound (DAPO uses 0.28); None: same as epsilon.")
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"] = arg(
+        "dapo", "How token losses are averaged: dapo (over all tokens of the step; no length bias), grpo (per "
+                "reply, then over replies), dr_grpo (by a constant), bnpo (local batch), cispo/sapo (clipped/soft "
+                "importance weights). See TRL's GRPOConfig.loss_type.")
+    scale_rewards: Literal["group", "batch", "none"] = arg(
+        "group", "Divide advantages by the reward std of the group, of the batch, or not at all (Dr. GRPO).")
+    num_iterations: int = arg(1, "Optimizer passes over each generated batch (mu in the paper).")
+    mask_truncated_completions: bool = arg(False, "Leave replies cut at max_completion_length out of the loss.")
+
+
+@dataclass
+class Config:
+    model: ModelArgs = section(ModelArgs)
+    data: DataArgs = section(DataArgs, "Prompts: prompt records {prompt, answer?}, or preference, chat or MCQ "
+                             "data (converted to prompts; chat and MCQ keep their answer).")
+    finetune: FinetuneArgs = section(FinetuneArgs)
+    train: TrainArgs = section(TrainArgs, "batch_size counts completions: a multiple of --grpo.num_generations.")
+    grpo: GRPOArgs = section(GRPOArgs)
+    reward: RewardArgs = section(RewardArgs)
+    template: str = arg("tokenizer", "Chat template name, or `tokenizer` to use the tokenizer's own.")
+    output_dir: str = arg("", "Where checkpoints, the final model and logs go.")
+    overwrite: bool = arg(False, "Write into a non-empty output_dir.")
+    resume: bool = arg(False, "Continue from the last complete checkpoint in output_dir.")
+
+
+def check_batch(cfg: Config, has_eval: bool) -> None:
+    """TRL's rule, as a MedGPTError: every optimizer step (and eval batch) holds whole groups of replies."""
+    g = cfg.grpo.num_generations
+    if g < 2:
+        raise MedGPTError(f"--grpo.num_generations {g}: GRPO compares replies within a group, so it needs at least "
+                          f"2 (4-16 is usual).")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world
+    if per_step % g:
+        raise MedGPTError(
+            f"completions per step = --train.batch_size {cfg.train.batch_size} x --train.gradient_accumulation_steps "
+            f"{cfg.train.gradient_accumulation_steps} x {world} process(es) = {per_step}, which is not a multiple of "
+            f"--grpo.num_generations {g}: each prompt's {g} replies are scored as one group and must land in the "
+            f"same step. Set --train.batch_size to a multiple of {g} (e.g. {g}), or change --grpo.num_generations.")
+    if has_eval and (cfg.train.eval_batch_size * world) % g:
+        raise MedGPTError(f"--train.eval_batch_size {cfg.train.eval_batch_size} x {world} process(es) is not a "
+                          f"multiple of --grpo.num_generations {g}; evaluation samples whole groups too. Set "
+                          f"--train.eval_batch_size to a multiple of {g}.")
+    if cfg.train.max_length <= cfg.grpo.max_completion_length:
+        raise MedGPTError(f"--train.max_length {cfg.train.max_length} leaves no room for a prompt next to "
+                          f"--grpo.max_completion_length {cfg.grpo.max_completion_length}. Raise max_length.")
+
+
+def run(cfg: Config) -> int:
+    """Online RL with group-relative advantages (TRL GRPOTrainer)."""
+    from medgpt import run as R
+    from medgpt.data.prepare import prompt_dataset
+    from medgpt.data.templates import apply_template, get_template_for, stop_token_ids
+    from medgpt.data.validate import load_splits
+    from medgpt.model.load import load_model, load_tokenizer
+    from medgpt.rewards import build_rewards, check_rewards
+
+    # Data, rewards and batch shape first: a bad file, a typo in a reward name or a batch that cannot hold
+    # whole groups fails in seconds, before any model loads.
+    train_records, eval_records = load_splits(cfg.data, "prompt", purpose="grpo", seed=cfg.train.seed)
+    check_rewards(cfg.reward, train_records)
+    check_batch(cfg, has_eval=bool(eval_records))
+    from trl import GRPOConfig, GRPOTrainer
+
+    out = R.start(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    template = get_template_for(cfg.template, tokenizer)
+    apply_template(tokenizer, template)  # TRL renders prompts with the tokenizer's template: make it exactly ours
+    max_prompt = cfg.train.max_length - cfg.grpo.max_completion_length
+    train_ds = prompt_dataset(train_records, template, tokenizer, max_prompt, "train")
+    eval_ds = prompt_dataset(eval_records, template, tokenizer, max_prompt, "eval") if eval_records else None
+    reward_funcs, reward_weights = build_rewards(cfg.reward, template=template, max_length=cfg.train.max_length)
+
+    model = load_model(cfg.model, cfg.finetune, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    # Replies end at the template's end-of-turn token (<|im_end|>, ...), not only at the tokenizer's eos; TRL
+    # stops generation at every eos id the model's generation config declares.
+    model.generation_config.eos_token_id = stop_token_ids(template, tokenizer)
+    R.log_parameters(model)
+
+    args = GRPOConfig(
+        **R.trainer_kwargs(cfg.train, out, has_eval=eval_ds is not None),
+        num_generations=cfg.grpo.num_generations,
+        max_completion_length=cfg.grpo.max_completion_length,
+        beta=cfg.grpo.beta,
+        temperature=cfg.grpo.temperature,
+        top_p=cfg.grpo.top_p,
+        epsilon=cfg.grpo.epsilon,
+        epsilon_high=cfg.grpo.epsilon_high,
+        loss_type=cfg.grpo.loss_type,
+        scale_rewards=cfg.grpo.scale_rewards,
+        num_iterations=cfg.grpo.num_iterations,
+        mask_truncated_completions=cfg.grpo.mask_truncated_completions,
+        reward_weights=reward_weights,
+        use_vllm=False,
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_ds,
+                          eval_dataset=eval_ds, processing_class=tokenizer, callbacks=[R.checkpoint_callback()])
+    result = trainer.train(resume_from_checkpoint=R.resume_checkpoint(cfg, out))
+    metrics = dict(result.metrics)
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate())
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    if "ref" in getattr(policy, "peft_config", {}):
+        # TRL's frozen copy of the starting adapter (the KL reference); only the trained adapter is the result.
+        policy.delete_adapter("ref")
+    R.save_artifacts(trainer, tokenizer, out, metrics)
+    return 0
