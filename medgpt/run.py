@@ -25,9 +25,17 @@ def start(cfg) -> Path:
     """Prepare the output dir, seed everything, save and print the resolved config."""
     from transformers import set_seed
 
-    out = prepare_output_dir(cfg.output_dir, cfg.overwrite, getattr(cfg, "resume", False))
+    # Only rank 0 judges whether the dir is empty: the others could already see its config.yaml and refuse.
+    # When rank 0 refuses, the launcher (torchrun, accelerate) stops the other ranks.
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite or not is_main_process(), getattr(cfg, "resume", False))
     set_seed(cfg.train.seed)
     if is_main_process():
+        if cfg.overwrite and not getattr(cfg, "resume", False):
+            # The overwritten run's checkpoints must not be resumed from later, nor rotated against this run's.
+            for old in sorted(out.glob("checkpoint-*")):
+                if old.is_dir():
+                    log(f"--overwrite: removing {old.name} of the earlier run")
+                    shutil.rmtree(old, ignore_errors=True)
         save_config(cfg, out / "config.yaml")
         log(json.dumps(to_dict(cfg), ensure_ascii=False, indent=1))
     return out
@@ -74,6 +82,9 @@ def precision(name: str) -> dict[str, bool]:
 def trainer_kwargs(train, out: Path, has_eval: bool = False) -> dict[str, Any]:
     """The TrainingArguments every stage shares, from our TrainArgs (stages add their own fields)."""
     eval_steps = train.eval_steps if has_eval and train.eval_steps > 0 else None
+    if not _cuda() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun on CPU-only machines: without this, accelerate trains independent copies instead of DDP/gloo.
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     return dict(
         output_dir=str(out),
         max_steps=train.max_steps,

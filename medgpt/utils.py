@@ -61,7 +61,8 @@ def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, resume:
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise MedGPTError(f"--output_dir {out} is a file, not a directory. Choose another path.")
-    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
+    # A dir holding only config.yaml is what a run that failed before training leaves: not worth protecting.
+    if out.is_dir() and any(p.name != "config.yaml" for p in out.iterdir()) and not (overwrite or resume):
         raise MedGPTError(
             f"output directory {out} is not empty. Pass --overwrite to write into it anyway, "
             f"--resume to continue a run saved there, or choose another --output_dir."
