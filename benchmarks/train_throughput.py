@@ -1,9 +1,14 @@
-"""SFT throughput with and without packing, side by side in one run.
+"""SFT throughput: padded batches vs packed rows (what `--sft.packing` does) vs TRL's flattened padding-free
+batches, side by side in one run.
 
     python benchmarks/train_throughput.py                # ~10M-parameter Llama, demo SFT data, CPU
     python benchmarks/train_throughput.py --records 128 --max-length 512
 
-Both variants train one epoch over the same conversations with the same model, tokenizer and template.
+Every variant trains one epoch over the same conversations with the same model, tokenizer and template:
+  padded     batches of whole conversations, right-padded (the default)
+  packed     conversations packed best-fit into rows of max_length, positions restarting per conversation
+  flattened  TRL's padding-free packing: each batch is ONE sequence; without flash-attention the attention
+             then spans the whole flattened batch, which is why medgpt packs rows instead
 Reported per variant (each in its own process, so peak memory is its own):
   - real tok/s: non-padding tokens processed per second (padding is compute spent on nothing)
   - trained tok/s: assistant tokens (labels != -100) per second
@@ -55,28 +60,33 @@ def build(workdir: Path, vocab: int) -> Path:
     return out
 
 
-def variant(model_dir: str, packing: bool, args, queue) -> None:
+def variant(model_dir: str, mode: str, args, queue) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from medgpt.data.prepare import chat_dataset
+    from medgpt.data.prepare import PackedCollator, chat_dataset, pack
     from medgpt.data.validate import load_records
+    from medgpt.run import precision
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(model_dir)
     records = load_records(DATA, "chat", max_samples=args.records)
     ds = chat_dataset(records, "chatml", tok, args.max_length)
+    if mode == "packed":  # exactly what `medgpt sft --sft.packing true` does
+        ds = pack(ds, args.max_length)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     counts = {"real": 0, "trained": 0, "seen": 0}
 
     workdir = tempfile.mkdtemp()
     cfg = SFTConfig(output_dir=workdir, num_train_epochs=1, per_device_train_batch_size=args.batch_size,
-                    learning_rate=1e-4, max_length=args.max_length, packing=packing, packing_strategy="bfd",
-                    padding_free=packing, report_to=[], save_strategy="no", logging_steps=10 ** 9,
-                    disable_tqdm=True, dataloader_pin_memory=False, seed=0)
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
+                    learning_rate=1e-4, max_length=args.max_length, report_to=[],
+                    packing=mode == "flattened", packing_strategy="bfd", padding_free=mode == "flattened",
+                    save_strategy="no", logging_steps=10 ** 9,
+                    disable_tqdm=True, dataloader_pin_memory=False, seed=0, **precision("auto"))
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok,
+                         data_collator=PackedCollator(tok.pad_token_id) if mode == "packed" else None)
     collate = trainer.data_collator
 
     def counting_collator(examples):
@@ -95,7 +105,7 @@ def variant(model_dir: str, packing: bool, args, queue) -> None:
     wall = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    queue.put({"packing": packing, "wall_s": wall, "steps": result.global_step, "loss": result.training_loss,
+    queue.put({"variant": mode, "wall_s": wall, "steps": result.global_step, "loss": result.training_loss,
                "real_tok_s": counts["real"] / wall, "trained_tok_s": counts["trained"] / wall,
                "padding_share": 1 - counts["real"] / max(counts["seen"], 1), "peak_mib": peak / 2 ** 20,
                "tokens": counts["real"], "trained_tokens": counts["trained"]})
@@ -108,6 +118,8 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--vocab", type=int, default=6400)
     p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
+    p.add_argument("--variants", nargs="+", default=["padded", "packed", "flattened"],
+                   choices=["padded", "packed", "flattened"])
     args = p.parse_args()
 
     import torch
@@ -119,12 +131,14 @@ def main() -> None:
         n_params = sum(x.numel() for x in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
         ctx = mp.get_context("spawn")
         rows = []
-        for packing in (False, True):
+        for mode in args.variants:
             q = ctx.Queue()
-            proc = ctx.Process(target=variant, args=(str(model_dir), packing, args, q))
+            proc = ctx.Process(target=variant, args=(str(model_dir), mode, args, q))
             proc.start()
-            rows.append(q.get())
             proc.join()
+            if proc.exitcode != 0:
+                raise SystemExit(f"the {mode} run failed (exit {proc.exitcode})")
+            rows.append(q.get())
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({args.threads} threads)"
     print(f"\nSFT throughput: {n_params / 1e6:.1f}M-parameter Llama, {args.records} demo conversations, "
@@ -133,13 +147,15 @@ def main() -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        name = "packing" if r["packing"] else "padded"
-        print(f"{name:<10}{r['steps']:>7}{r['wall_s']:>9.1f}{r['real_tok_s']:>12.0f}{r['trained_tok_s']:>15.0f}"
+        print(f"{r['variant']:<10}{r['steps']:>7}{r['wall_s']:>9.1f}{r['real_tok_s']:>12.0f}{r['trained_tok_s']:>15.0f}"
               f"{r['padding_share']:>9.1%}{r['peak_mib']:>10.0f}")
-    off, on = rows
-    print(f"\npacking / padded: {on['real_tok_s'] / off['real_tok_s']:.2f}x real tokens/s, "
-          f"{on['trained_tok_s'] / off['trained_tok_s']:.2f}x trained tokens/s, "
-          f"{on['peak_mib'] / off['peak_mib']:.2f}x peak memory")
+    base = next((r for r in rows if r["variant"] == "padded"), rows[0])
+    print()
+    for r in rows:
+        if r is not base:
+            print(f"{r['variant']} / {base['variant']}: {r['real_tok_s'] / base['real_tok_s']:.2f}x real tokens/s, "
+                  f"{r['trained_tok_s'] / base['trained_tok_s']:.2f}x trained tokens/s, "
+                  f"{r['peak_mib'] / base['peak_mib']:.2f}x peak memory")
     print(json.dumps(rows))
 
 

@@ -108,3 +108,69 @@ def prompt_dataset(records: list[dict], template, tokenizer, max_prompt_length: 
     log(f"{what}: {len(rows)} prompts" + (f", {sum(r['answer'] is not None for r in rows)} with a reference answer"
                                           if keep_answer else ""))
     return Dataset.from_list(rows)
+
+
+# ----------------------------------------------------------------------------- packing
+
+def pack(dataset, max_length: int):
+    """Best-fit-decreasing packing of tokenized samples into rows of at most `max_length` tokens.
+
+    Each row keeps `seq_lengths`, so `PackedCollator` can restart position ids per sample: transformers then
+    builds a block-diagonal causal mask (sdpa, eager) or variable-length kernels (flash-attention) and no token
+    attends to another sample. Rows stay separate in the batch, so attention costs B x L^2, never (B*L)^2.
+    """
+    import bisect
+
+    from datasets import Dataset
+
+    samples = sorted(range(len(dataset)), key=lambda i: -len(dataset[i]["input_ids"]))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, row index), kept sorted for the best-fit search
+    lengths = [len(x) for x in dataset["input_ids"]]
+    for i in samples:
+        n = lengths[i]
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            space, r = free.pop(k)
+            rows[r].append(i)
+            bisect.insort(free, (space - n, r))
+        else:
+            rows.append([i])
+            bisect.insort(free, (max_length - n, len(rows) - 1))
+    ids, labels = dataset["input_ids"], dataset["labels"]
+    packed = [{"input_ids": [t for i in row for t in ids[i]], "labels": [t for i in row for t in labels[i]],
+               "seq_lengths": [lengths[i] for i in row]} for row in rows]
+    log(f"packed {len(dataset)} samples into {len(packed)} rows of <= {max_length} tokens "
+        f"({sum(lengths) / (len(packed) * max_length):.0%} full)")
+    return Dataset.from_list(packed)
+
+
+class PackedCollator:
+    """Right-pads rows of packed samples; position ids restart at every sample (and at the padding, which thus
+    forms its own block and never mixes with real tokens). No attention mask: transformers derives the
+    per-sample mask from the position ids. The first token of each sample is never a target, so no sample
+    learns to predict across a boundary."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        pos = torch.zeros((len(examples), width), dtype=torch.long)
+        for r, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[r, :n] = torch.tensor(e["input_ids"])
+            labels[r, :n] = torch.tensor(e["labels"])
+            start = 0
+            for length in list(e.get("seq_lengths") or [n]) + [width - n]:
+                pos[r, start:start + length] = torch.arange(length)
+                if start < n:
+                    labels[r, start] = IGNORE_INDEX
+                start += length
+        # use_cache=False: with a KV cache present, transformers skips packed-sequence detection and the samples
+        # of a row would attend to each other (the Trainer turns the cache off too; this keeps any caller safe).
+        return {"input_ids": ids, "labels": labels, "position_ids": pos, "use_cache": False}

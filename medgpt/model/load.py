@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from medgpt.args import ModelArgs
-from medgpt.utils import MedGPTError
+from medgpt.utils import MedGPTError, log
 
 
 def _check_source(name_or_path: str, what: str = "model") -> None:
@@ -108,11 +108,13 @@ def load_model(model: ModelArgs, finetune=None, task: str = "causal_lm", num_lab
         net.config.pad_token_id = net.config.eos_token_id if isinstance(net.config.eos_token_id, int) else 0
 
     resized = False
-    if vocab_size is not None and vocab_size != net.get_input_embeddings().weight.shape[0]:
+    if vocab_size is not None and vocab_size > net.get_input_embeddings().weight.shape[0]:
+        # The tokenizer has tokens the model has no rows for (e.g. after `medgpt tokenizer extend`). A table
+        # larger than the tokenizer (Qwen pads to a multiple of 128) is left alone.
         from medgpt.model.vocab import resize_embeddings
 
-        resize_embeddings(net, vocab_size)
-        resized = True
+        resized = resize_embeddings(net, vocab_size) > 0
+        log(f"resized the embeddings to {vocab_size} rows; the new rows train fully")
 
     if gradient_checkpointing:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

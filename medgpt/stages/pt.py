@@ -138,7 +138,8 @@ def run(cfg: Config) -> int:
 
     # From-scratch pretraining (a fresh model from a config, `--model.init`) belongs here, in place of
     # load_model; it is not built yet, so pt always continues from --model.name_or_path.
-    model = load_model(cfg.model, cfg.finetune, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    model = load_model(cfg.model, cfg.finetune, gradient_checkpointing=cfg.train.gradient_checkpointing,
+                       vocab_size=len(tokenizer))
     R.log_parameters(model)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and block > max_positions:

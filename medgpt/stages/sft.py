@@ -8,9 +8,11 @@ Recipe: validate data -> tokenizer + template -> tokenize (ids, labels) -> load 
 -> save. Labels come from medgpt.data.templates, never from the trainer, so training and inference render the
 same template (it is saved into the output tokenizer).
 
-Packing (--sft.packing): padding-free. Conversations are concatenated into rows of max_length with position
-ids restarting per conversation; transformers turns those into a block-diagonal causal mask for sdpa/eager and
-variable-length kernels for flash-attention, so no token attends across conversations.
+Packing (--sft.packing): conversations are packed best-fit into rows of max_length with position ids
+restarting per conversation; transformers turns those into a block-diagonal causal mask for sdpa/eager and
+variable-length kernels for flash-attention, so no token attends across conversations. Rows stay separate
+(not one flattened sequence per batch, as TRL's padding-free mode does), so attention never costs more than
+the padded batch would: the flattened form is only cheaper with flash-attention, and slower on CPU and sdpa.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class Config:
 def run(cfg: Config) -> int:
     """Supervised fine-tuning with assistant-only labels."""
     from medgpt import run as R
-    from medgpt.data.prepare import chat_dataset
+    from medgpt.data.prepare import PackedCollator, chat_dataset, pack
     from medgpt.data.templates import apply_template, get_template_for
     from medgpt.data.validate import load_splits
     from medgpt.model.load import load_model, load_tokenizer
@@ -59,21 +61,22 @@ def run(cfg: Config) -> int:
     train_ds = chat_dataset(train_records, template, tokenizer, cfg.train.max_length, "train")
     eval_ds = chat_dataset(eval_records, template, tokenizer, cfg.train.max_length, "eval") if eval_records else None
 
-    model = load_model(cfg.model, cfg.finetune, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    if cfg.sft.packing:
+        train_ds = pack(train_ds, cfg.train.max_length)
+    model = load_model(cfg.model, cfg.finetune, gradient_checkpointing=cfg.train.gradient_checkpointing,
+                       vocab_size=len(tokenizer))
     R.log_parameters(model)
     apply_template(tokenizer, template)  # the saved tokenizer renders exactly what we trained on
 
     args = SFTConfig(
         **R.trainer_kwargs(cfg.train, out, has_eval=eval_ds is not None),
         max_length=cfg.train.max_length,
-        packing=cfg.sft.packing,
-        packing_strategy="bfd",
-        padding_free=cfg.sft.packing,
         neftune_noise_alpha=cfg.sft.neftune_noise_alpha,
         dataset_num_proc=None,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, callbacks=[R.checkpoint_callback()])
+                         processing_class=tokenizer, callbacks=[R.checkpoint_callback()],
+                         data_collator=PackedCollator(tokenizer.pad_token_id) if cfg.sft.packing else None)
     result = trainer.train(resume_from_checkpoint=R.resume_checkpoint(cfg, out))
     metrics = dict(result.metrics)
     if eval_ds is not None:
