@@ -22,7 +22,7 @@ install: $(VENV)/.installed-$(EXTRAS)
 
 demo: install
 	$(BIN)/medgpt data validate data/demo
-	$(BIN)/medgpt tokenizer train --data.train_files data/demo --output_dir $(DEMO_OUT)/tokenizer --overwrite
+	$(BIN)/medgpt tokenizer train configs/tokenizer/demo.yaml --output_dir $(DEMO_OUT)/tokenizer --overwrite
 	$(BIN)/medgpt data stats data/demo/sft_alpaca.json data/demo/sft_sharegpt.jsonl data/demo/preference.jsonl \
 		--model.name_or_path $(DEMO_OUT)/tokenizer --output $(DEMO_OUT)/token_lengths.png
 

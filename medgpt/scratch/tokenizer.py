@@ -126,7 +126,10 @@ def train(cfg: TrainConfig) -> int:
             yield text
 
     t = cfg.tokenizer
-    tok = train_bpe(texts(), vocab_size=t.vocab_size, min_frequency=t.min_frequency, n_reserved=t.n_reserved)
+    import sys
+
+    tok = train_bpe(texts(), vocab_size=t.vocab_size, min_frequency=t.min_frequency, n_reserved=t.n_reserved,
+                    show_progress=sys.stderr.isatty())
     if n_docs == 0:
         raise MedGPTError(f"the corpus {', '.join(d.train_files)} holds no text to learn from.")
     apply_template(tok, t.template)

@@ -82,3 +82,12 @@ def test_resize_embeddings_mean_init(tiny_llama):
     assert torch.allclose(w[n + 2], expected_sub)
     assert model.get_output_embeddings().weight.shape[0] == n + 3 and model.config.vocab_size == n + 3
     assert resize_embeddings(model, n) == 0  # never shrinks
+
+
+def test_sft_gradient_checkpointing_and_neftune(tiny_llama, tmp_path, tracked):
+    out = tmp_path / "out"
+    run_stage("sft", "--model.name_or_path", tiny_llama, "--data.train_files", DATA, "--finetune.type", "lora",
+              "--template", "chatml", "--train.gradient_checkpointing", "true", "--sft.neftune_noise_alpha", "5",
+              "--output_dir", out, *QUICK)
+    assert_all_changed(tracked)
+    assert_artifacts(out, adapter=True)
