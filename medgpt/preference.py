@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from transformers import Trainer
 
+from medgpt.data.prepare import fit_prompt
 from medgpt.data.templates import IGNORE_INDEX, encode, encode_prompt
 from medgpt.losses import sequence_logps
 from medgpt.utils import MedGPTError, log
@@ -63,25 +64,19 @@ def encode_response(prompt: list[dict], response: list[dict], template, tokenize
     return enc.input_ids, labels
 
 
-def _shortened(prompt: list[dict]):
-    """The prompt, then with its oldest (user, assistant) exchanges removed one by one; the system message stays."""
-    head = prompt[:1] if prompt[0]["role"] == "system" else []
-    turns = prompt[len(head):]
-    for start in range(0, len(turns), 2):
-        yield head + turns[start:]
-
-
 def encode_pair(record: dict, template, tokenizer, max_length: int) -> tuple[dict | None, bool]:
-    """(row, shortened): the tokenized pair, or None if it cannot fit; shortened if prompt turns were dropped."""
-    for k, prompt in enumerate(_shortened(record["prompt"])):
-        chosen = encode_response(prompt, record["chosen"], template, tokenizer)
-        rejected = encode_response(prompt, record["rejected"], template, tokenizer)
-        if chosen is None or rejected is None:
-            return None, False  # a reply with nothing to train (cannot happen with a well-formed record)
-        if max(len(chosen[0]), len(rejected[0])) <= max_length:
-            return {"chosen_input_ids": chosen[0], "chosen_labels": chosen[1],
-                    "rejected_input_ids": rejected[0], "rejected_labels": rejected[1]}, k > 0
-    return None, False
+    """(row, shortened): the tokenized pair, or None if it cannot fit; shortened if prompt turns were dropped.
+
+    Too long: the prompt loses its oldest exchanges first (`fit_prompt`, the rule every preference stage uses)."""
+    prompt = fit_prompt(record["prompt"], [record["chosen"], record["rejected"]], template, tokenizer, max_length)
+    if prompt is None:
+        return None, False
+    chosen = encode_response(prompt, record["chosen"], template, tokenizer)
+    rejected = encode_response(prompt, record["rejected"], template, tokenizer)
+    if chosen is None or rejected is None:
+        return None, False  # a reply with nothing to train (cannot happen with a well-formed record)
+    return {"chosen_input_ids": chosen[0], "chosen_labels": chosen[1],
+            "rejected_input_ids": rejected[0], "rejected_labels": rejected[1]}, len(prompt) < len(record["prompt"])
 
 
 def preference_dataset(records: list[dict], template, tokenizer, max_length: int, what: str = "train"):

@@ -5,7 +5,6 @@ loss.png, TensorBoard logs under runs/).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -208,7 +207,3 @@ def plot_loss(history: list[dict], path: Path, keys: tuple[str, ...] = ("loss", 
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-
-
-def as_dict(obj) -> dict:
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
