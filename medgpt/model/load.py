@@ -115,6 +115,10 @@ def load_model(model: ModelArgs, finetune=None, task: str = "causal_lm", num_lab
 
         resized = resize_embeddings(net, vocab_size) > 0
         log(f"resized the embeddings to {vocab_size} rows; the new rows train fully")
+    if not resized and getattr(net.config, "medgpt_added_tokens", 0):
+        # `medgpt tokenizer extend` grew the table already: its new rows are seeded (sub-token means), never
+        # trained, so they must train under LoRA just as rows resized here do.
+        resized = True
 
     if gradient_checkpointing:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
