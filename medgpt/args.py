@@ -20,6 +20,9 @@ class ModelArgs:
     trust_remote_code: bool = arg(False, "Allow model code shipped with the checkpoint to run. Off unless you trust it.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg(
         "auto", "Weights dtype: auto picks bfloat16 on GPUs that support it, else float32.")
+    init: Optional[Literal["llama", "qwen2"]] = arg(
+        None, "`medgpt pt` only: build this architecture with random weights (shaped by --arch.*) instead of "
+        "loading one; --model.name_or_path then names only the tokenizer (empty: the one the packed corpus records).")
 
 
 @dataclass

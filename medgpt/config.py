@@ -216,18 +216,20 @@ def build(cls: type, values: dict[str, Any], source: dict[str, str] | None = Non
         if key not in types_by_key:
             raise _unknown(key, cls, source.get(key, "from the command line"))
 
-    def make(c: type, prefix: str):
+    def make(c: type, prefix: str, base=None):
         hints = _hints(c)
         kwargs = {}
         for f in dataclasses.fields(c):
             tp = hints[f.name]
             key = f"{prefix}{f.name}"
             if dataclasses.is_dataclass(tp):
-                kwargs[f.name] = make(tp, key + ".")
+                # A section whose factory shapes its defaults (not plain `section(cls)`) keeps them under overrides.
+                shaped = f.default_factory() if f.default_factory not in (dataclasses.MISSING, tp) else None
+                kwargs[f.name] = make(tp, key + ".", shaped)
             elif key in values:
                 kwargs[f.name] = coerce(values[key], tp, key)
         try:
-            return c(**kwargs)
+            return dataclasses.replace(base, **kwargs) if base is not None else c(**kwargs)
         except TypeError as e:  # a required field left unset
             missing = [f"{prefix}{f.name}" for f in dataclasses.fields(c)
                        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -326,6 +328,10 @@ def format_help(cls: type, command: str, doc: str = "") -> str:
     if doc:
         lines += [doc.strip(), ""]
     width = max((len(k) for k in leaf_keys(cls)), default=10) + 2
+    try:  # the defaults a command really gets: a section's factory may set its own (pt: lr_scheduler auto)
+        resolved = dataclasses.asdict(cls())
+    except TypeError:  # required fields: fall back to each field's own default
+        resolved = None
     current = None
     for key, f, tp in iter_fields(cls):
         sec = key.rsplit(".", 1)[0] if "." in key else ""
@@ -334,6 +340,10 @@ def format_help(cls: type, command: str, doc: str = "") -> str:
             lines.append(f"{sec}:" if sec else "options:")
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        if resolved is not None:
+            default = resolved
+            for part in key.split("."):
+                default = default[part]
         help_ = f.metadata.get("help", "")
         lines.append(f"  --{key:<{width}} {help_} [{_type_name(tp)}; default: {default!r}]")
     return "\n".join(lines)

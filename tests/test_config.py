@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import pytest
 import yaml
@@ -110,6 +110,28 @@ def test_help_lists_every_key_with_doc():
     text = format_help(Cfg, "x")
     for key in leaf_keys(Cfg):
         assert f"--{key}" in text
+
+
+@dataclass
+class Phased:
+    train: Train = field(default_factory=lambda: Train(max_steps=7), metadata={"help": "a shaped section"})
+    phases: list[dict[str, Any]] = arg(factory=list, help="phases")
+
+
+def test_help_shows_a_section_factory_default_and_lists_of_mappings_roundtrip(tmp_path):
+    """A command may shape a shared section's defaults (pt: lr_scheduler auto); --help shows what it gets.
+    A list of mappings (pt.phases) comes from YAML whole and saves back to the same value."""
+    assert "default: 7]" in format_help(Phased, "x")
+    y = tmp_path / "c.yaml"
+    y.write_text("phases:\n  - {name: a, steps: 2, data: {d1: 0.5, d2: 1}}\n  - {name: b, steps: 1, data: {d2: 1}}\n")
+    cfg = parse_argv(Phased, [str(y)])
+    assert cfg.train.max_steps == 7
+    assert cfg.phases == [{"name": "a", "steps": 2, "data": {"d1": 0.5, "d2": 1}},
+                          {"name": "b", "steps": 1, "data": {"d2": 1}}]
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert parse_argv(Phased, [str(tmp_path / "saved.yaml")]) == cfg
+    flags = parse_argv(Phased, ["--train.learning_rate", "0.5"])  # other keys keep the shaped default
+    assert flags.train.max_steps == 7 and flags.train.learning_rate == 0.5
 
 
 # ----------------------------------------------------------------------------- shipped YAML files

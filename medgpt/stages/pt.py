@@ -18,25 +18,57 @@ Streaming (--data.streaming true): for corpora larger than RAM. Records are read
 
 Eval: perplexity = exp(eval loss) over eval blocks, from --data.eval_files or --data.eval_split; both
 `eval_loss` and `perplexity` go into metrics.json.
+
+From scratch and packed corpora (medgpt/scratch/pretrain.py): with --model.init llama|qwen2 (a random-init
+model shaped by --arch.*; --model.name_or_path then names only the tokenizer), with packed dirs (`medgpt pack`)
+in --data.train_files, or with a --pt.phases curriculum, pt trains in a plain loop over random windows of the
+packs instead: warmup-stable-decay LR (`--train.lr_scheduler auto`), tokens/s and MFU, resumable checkpoints.
+
+    medgpt pt configs/tiny/pt_scratch.yaml --model.name_or_path out/tokenizer --output_dir out/pt
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from medgpt.args import DataArgs, FinetuneArgs, ModelArgs, TrainArgs
 from medgpt.config import arg, section
+from medgpt.scratch.model import ArchArgs
 from medgpt.utils import MedGPTError, log
+
+
+@dataclass
+class PTArgs:
+    phases: list[dict[str, Any]] = arg(factory=list, help="Curriculum (in the YAML file): a list of {name: str, "
+                                       "steps: int, data: {PACKED_DIR: weight, ...}}; each phase draws its batches "
+                                       "from its dirs by weight, and the run lasts the sum of their steps.")
+    decay_fraction: float = arg(0.2, "warmup_stable_decay: the LR decays (1-sqrt) over this last share of the steps.")
+    min_lr_ratio: float = arg(0.1, "The LR decays to this fraction of --train.learning_rate.")
+    eval_windows: int = arg(64, "Evaluate on at most this many consecutive windows of each packed val split.")
+    benchmark_seconds: float = arg(2.0, "Measure the matmul peak this long at start, for the MFU estimate "
+                                   "(0: no MFU).")
+    compile: bool = arg(False, "torch.compile the model (faster on recent GPUs, after a compile warm-up).")
+
+
+def _train_defaults() -> TrainArgs:
+    # `auto` resolves per mode: warmup_stable_decay for packed/from-scratch runs, cosine for text (as before).
+    return TrainArgs(lr_scheduler="auto")
 
 
 @dataclass
 class Config:
     model: ModelArgs = section(ModelArgs)
-    data: DataArgs = section(DataArgs, "Text: .txt (see --data.text_mode), JSONL/JSON records with a text field, ...")
+    arch: ArchArgs = section(ArchArgs, "The architecture built by --model.init (from scratch only).")
+    data: DataArgs = section(DataArgs, "Text: .txt (see --data.text_mode), JSONL/JSON records with a text field, "
+                             "...; or packed dirs (`medgpt pack`).")
     finetune: FinetuneArgs = section(FinetuneArgs)
-    train: TrainArgs = section(TrainArgs, "For pt, --train.max_length is the block size: every block has exactly "
-                               "this many tokens.")
+    train: TrainArgs = dataclasses.field(default_factory=_train_defaults, metadata={"help": (
+        "For pt, --train.max_length is the block size (the context); lr_scheduler auto = warmup_stable_decay on "
+        "packed data, cosine on text.")})
+    pt: PTArgs = section(PTArgs, "The WSD decay (any run) and packed-data / from-scratch options.")
     output_dir: str = arg("", "Where checkpoints, the final model and logs go.")
     overwrite: bool = arg(False, "Write into a non-empty output_dir.")
     resume: bool = arg(False, "Continue from the last complete checkpoint in output_dir.")
@@ -99,8 +131,39 @@ def collate(rows: list[dict]) -> dict:
     return batch
 
 
+def packed_run(cfg: Config) -> bool:
+    """The packed-data loop runs from scratch, for packed dirs and for a curriculum; text uses the Trainer."""
+    from medgpt.scratch.memmap import is_packed_dir
+
+    if not cfg.model.init and cfg.arch != ArchArgs():
+        raise MedGPTError("--arch.* options shape a model built from scratch, but --model.init is not set. Add "
+                          "--model.init llama|qwen2, or drop the --arch.* options to continue a pretrained model.")
+    return bool(cfg.model.init or cfg.pt.phases or any(is_packed_dir(p) for p in cfg.data.train_files))
+
+
+def scheduler_kwargs(cfg: Config) -> dict:
+    """The Trainer's lr schedule for text: auto is cosine (as before packed runs existed); warmup_stable_decay
+    gets the same 1-sqrt decay as the packed loop (medgpt.scratch.schedule)."""
+    from medgpt.scratch.schedule import decay_steps
+
+    train = cfg.train
+    if train.lr_scheduler == "auto":
+        return {"lr_scheduler_type": "cosine"}
+    if train.lr_scheduler != "warmup_stable_decay":
+        return {}
+    if train.max_steps <= 0:
+        raise MedGPTError("--train.lr_scheduler warmup_stable_decay needs --train.max_steps N on text data: the "
+                          "decay is placed at the end of a known number of steps.")
+    return {"lr_scheduler_kwargs": {"num_decay_steps": decay_steps(cfg.pt.decay_fraction, train.max_steps),
+                                    "decay_type": "1-sqrt", "min_lr_ratio": cfg.pt.min_lr_ratio}}
+
+
 def run(cfg: Config) -> int:
     """Continued pretraining: documents joined with EOS, cut into blocks of --train.max_length tokens."""
+    if packed_run(cfg):
+        from medgpt.scratch.pretrain import pretrain
+
+        return pretrain(cfg)
     from medgpt import run as R
     from medgpt.data.validate import load_records, load_splits
     from medgpt.model.load import load_model, load_tokenizer
@@ -122,6 +185,7 @@ def run(cfg: Config) -> int:
                                     purpose="pt") if data.eval_files else []
     else:
         train_records, eval_records = load_splits(data, "text", purpose="pt", seed=cfg.train.seed)
+    schedule = scheduler_kwargs(cfg)
     from transformers import Trainer, TrainingArguments
 
     out = R.start(cfg)
@@ -136,8 +200,6 @@ def run(cfg: Config) -> int:
     eval_ds = (blocks_dataset([r["text"] for r in eval_records], tokenizer, block, "eval", eval_flag)
                if eval_records else None)
 
-    # From-scratch pretraining (a fresh model from a config, `--model.init`) belongs here, in place of
-    # load_model; it is not built yet, so pt always continues from --model.name_or_path.
     model = load_model(cfg.model, cfg.finetune, gradient_checkpointing=cfg.train.gradient_checkpointing,
                        vocab_size=len(tokenizer))
     R.log_parameters(model)
@@ -146,7 +208,7 @@ def run(cfg: Config) -> int:
         log(f"warning: block size {block} is longer than the model's max_position_embeddings {max_positions}; "
             f"positions past it were never trained. Lower --train.max_length unless you extend the context on purpose.")
 
-    args = TrainingArguments(**R.trainer_kwargs(cfg.train, out, has_eval=eval_ds is not None))
+    args = TrainingArguments(**{**R.trainer_kwargs(cfg.train, out, has_eval=eval_ds is not None), **schedule})
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=collate, processing_class=tokenizer, callbacks=[R.checkpoint_callback()])
     result = trainer.train(resume_from_checkpoint=R.resume_checkpoint(cfg, out))
