@@ -20,6 +20,9 @@ class Command:
     run: str             # name of the function that takes the config
     help: str
     positional: str | None = None  # the list field that bare arguments fill
+    # flag aliases (alias, key): `--from X` -> `--from_step X`, for option names that cannot be fields
+    # (`from` is a Python keyword)
+    aliases: tuple[tuple[str, str], ...] = ()
 
 
 COMMANDS: dict[str, Command] = {
@@ -48,6 +51,15 @@ COMMANDS: dict[str, Command] = {
     "tokenizer train": Command("medgpt.scratch.tokenizer", "TrainConfig", "train",
                                "Train a byte-level BPE tokenizer on text files.",
                                positional="data.train_files"),
+    "tokenizer extend": Command("medgpt.scratch.extend", "Config", "run",
+                                "Add domain words to a tokenizer (and grow a model's embeddings to match).",
+                                positional="data.train_files"),
+    "pack": Command("medgpt.scratch.pack", "Config", "run",
+                    "Tokenize text corpora into flat uint16/uint32 .bin files for from-scratch pretraining.",
+                    positional="data.train_files"),
+    "pipeline": Command("medgpt.pipeline", "Config", "run",
+                        "Run a recipe of commands, skipping completed steps.", positional="recipe",
+                        aliases=(("from", "from_step"),)),
 }
 
 
@@ -86,6 +98,18 @@ def resolve(argv: list[str]) -> tuple[str, Command, list[str]] | None:
     return None
 
 
+def apply_aliases(argv: list[str], aliases: tuple[tuple[str, str], ...]) -> list[str]:
+    """`--alias V` / `--alias=V` -> `--key V` / `--key=V` for a command's flag aliases."""
+    names = dict(aliases)
+    out = []
+    for tok in argv:
+        flag, eq, val = tok.partition("=")
+        if flag.startswith("--") and flag[2:] in names:
+            tok = f"--{names[flag[2:]]}{eq}{val}"
+        out.append(tok)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -108,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" Did you mean '{near[0]}'?" if near else ""
         return fail(f"unknown command '{head}'.{hint} Run `medgpt --help` to list the commands.")
     name, cmd, rest = found
+    rest = apply_aliases(rest, cmd.aliases)
 
     from medgpt.config import format_help, parse_argv
     from medgpt.utils import MedGPTError

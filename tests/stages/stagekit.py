@@ -1,12 +1,11 @@
-"""Helpers for stage tests (imported by test modules as `stagekit`): run a command in-process, snapshot trainable parameters around training."""
+"""Helpers for stage tests (imported by test modules as `stagekit`): run a command in-process, snapshot
+trainable parameters around training, check the artifacts every output dir must hold."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-
-import pytest
 
 from medgpt.cli import main
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from medgpt.run import COMPLETE
-from medgpt.utils import MedGPTError
 from stagekit import FIXTURES, run_stage
 
 DATA = f"{FIXTURES}/sharegpt.jsonl,{FIXTURES}/alpaca.json,{FIXTURES}/openai.jsonl"

@@ -1,0 +1,185 @@
+"""`medgpt pipeline`: a tiny recipe end to end (tokenizer -> sft -> merge -> sample), skipping, restarting,
+failing steps, and a recipe checked in full before its first step runs."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medgpt.cli import main
+from medgpt.config import parse_argv
+from medgpt.pipeline import Config, load
+from medgpt.utils import MedGPTError
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "fixtures" / "data"
+QUICK = {"train.max_steps": 2, "train.warmup": 0, "train.learning_rate": 1e-2, "train.batch_size": 2,
+         "train.save_steps": 0, "train.logging_steps": 1, "train.max_length": 256, "train.tensorboard": False}
+QUESTIONS = ["高血压患者要注意什么？", "What are the signs of a stroke?"]
+
+
+def recipe(tmp_path: Path, base: Path, **changes) -> Path:
+    """tokenizer train -> sft (LoRA, 2 steps) -> merge -> sample on the tiny Llama; `changes` edit step args."""
+    text = tmp_path / "corpus.txt"
+    text.write_text((DATA / "corpus.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    steps = [
+        {"name": "tok", "command": "tokenizer train",
+         "args": {"data.train_files": str(text), "tokenizer.vocab_size": 300, "tokenizer.min_frequency": 1}},
+        {"name": "sft", "command": "sft",
+         "args": {"model.name_or_path": "${base}", "data.train_files": str(DATA / "sharegpt.jsonl"),
+                  "finetune.type": "lora", "template": "chatml", **QUICK}},
+        {"name": "merge", "command": "merge",
+         "args": {"model.name_or_path": "${base}", "model.adapter": "${steps.sft.output_dir}"}},
+        {"name": "answers", "command": "sample",
+         "args": {"model.name_or_path": "${steps.merge.output_dir}", "questions": QUESTIONS, "max_new_tokens": 6}},
+    ]
+    for name, args in changes.items():
+        next(s for s in steps if s["name"] == name)["args"].update(args)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "vars": {"base": str(base)},
+                                    "steps": steps}, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def pipeline(capsys, *argv) -> tuple[int, str]:
+    code = main(["pipeline", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def mtimes(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*")
+            if p.is_file() and p.name != "report.md"}
+
+
+def test_run_skip_change_restart(tmp_path, tiny_llama, capsys):
+    path, out = recipe(tmp_path, tiny_llama), tmp_path / "out"
+    code, text = pipeline(capsys, path)
+    assert code == 0, text
+    assert "$ medgpt tokenizer train --data.train_files" in text  # each command printed, ready to copy
+    assert f"$ medgpt merge --model.name_or_path {tiny_llama} --model.adapter {out / 'sft'}" in text
+    rows = [json.loads(line) for line in (out / "answers" / "samples.jsonl").read_text().splitlines()]
+    assert [r["question"] for r in rows] == QUESTIONS and all(isinstance(r["answer"], str) for r in rows)
+    report = (out / "report.md").read_text()
+    for name in ("tok", "sft", "merge", "answers"):
+        assert re.search(rf"\| {name} \| .* \| ran \| \d+\.\d s \|", report), report
+    assert "train_loss" in report and "![sft loss](sft/loss.png)" in report
+    assert f"**Q:** {QUESTIONS[1]}" in report
+    marker = json.loads((out / "sft" / "pipeline_step.json").read_text())
+    assert marker["argv"][-2:] == ["--output_dir", str(out / "sft")]
+
+    # again: everything is complete, nothing is touched
+    before = mtimes(out)
+    code, text = pipeline(capsys, path)
+    assert code == 0, text
+    assert all(f"skip {n} (complete)" in text for n in ("tok", "sft", "merge", "answers")), text
+    assert "===" not in text and mtimes(out) == before
+    assert re.search(r"\| sft \| sft \| skipped \| \d+\.\d s \| train_loss", (out / "report.md").read_text())
+
+    # a changed arg of step 2: step 1 skipped, 2 and everything after it rerun (with --overwrite)
+    path = recipe(tmp_path, tiny_llama, sft={"train.learning_rate": 5e-3})
+    code, text = pipeline(capsys, path)
+    assert code == 0, text
+    assert "skip tok (complete)" in text
+    assert "step 2/4: sft (settings changed: train.learning_rate)" in text
+    assert "--overwrite" in text and "step 3/4: merge" in text and "step 4/4: answers" in text
+    after = mtimes(out)
+    assert all(after[k] == v for k, v in before.items() if k.startswith("tok/"))
+    assert after["merge/model.safetensors"] != before["merge/model.safetensors"]
+
+    # --from (alias of --from_step) reruns that step even though it is complete
+    code, text = pipeline(capsys, path, "--from", "answers")
+    assert code == 0, text
+    assert [n for n in ("tok", "sft", "merge") if f"skip {n} (complete)" in text] == ["tok", "sft", "merge"]
+    assert "step 4/4: answers (--from_step)" in text
+    assert mtimes(out)["answers/samples.jsonl"] != after["answers/samples.jsonl"]
+
+    # --only merge leaves answers stale; the next plain run sees that and reruns it
+    code, text = pipeline(capsys, path, "--only", "merge")
+    assert code == 0 and "step 3/4: merge (--only)" in text and "skip answers (not in --only)" in text, text
+    code, text = pipeline(capsys, path)
+    assert code == 0 and "skip merge (complete)" in text and "step 4/4: answers (step merge ran after it)" in text
+
+
+def test_failing_step_stops_the_pipeline(tmp_path, tiny_llama, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{not json\n')
+    path, out = recipe(tmp_path, tiny_llama, sft={"data.train_files": str(bad)}), tmp_path / "out"
+    code, text = pipeline(capsys, path)
+    assert code == 1
+    assert "pipeline step 'sft' (2 of 4) exited with code 1" in text
+    assert f"medgpt sft --model.name_or_path {tiny_llama} --data.train_files {bad}" in text  # to rerun it alone
+    assert "step 3/4" not in text and not (out / "merge").exists()
+    report = (out / "report.md").read_text()
+    assert "| tok | tokenizer train | ran |" in report and "| sft | sft | failed |" in report
+    assert "| merge | merge | pending |" in report
+    assert not (out / "sft" / "pipeline_step.json").exists()
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ({"command": "evall"}, "recipe step 'answers': unknown command 'evall'. Valid commands: data validate"),
+    ({"command": "sft", "args": {"train.max_step": 2}}, "Did you mean 'train.max_steps'"),
+    ({"command": "sft", "args": {"train.max_steps": "two"}}, "'train.max_steps': 'two' is not a valid int"),
+    ({"command": "sample", "args": {"model.name_or_path": "x", "max_new_token": 2, "questions": ["q"]}},
+     "Did you mean 'max_new_tokens'"),
+    ({"arg": {}}, "recipe step 'answers': unknown key 'arg'; a step has name, command, config, args. Did you mean"),
+    ({"command": "sample", "args": {"model.name_or_path": "x"}}, "no questions"),
+])
+def test_a_bad_late_step_fails_before_the_first_runs(tmp_path, tiny_llama, capsys, edit, needle):
+    path = recipe(tmp_path, tiny_llama)
+    data = yaml.safe_load(path.read_text())
+    data["steps"][-1].update(edit)
+    path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+    code, text = pipeline(capsys, path)
+    assert code == 1 and needle in text, text
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def steps_of(tmp_path: Path, steps: list, vars: dict | None = None):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "o"), "vars": vars or {}, "steps": steps}))
+    return load(parse_argv(Config, [str(path)]))[1]
+
+
+def test_references(tmp_path):
+    merge = {"name": "m", "command": "merge", "args": {"model.adapter": "${steps.a.output_dir}",
+                                                        "model.name_or_path": "${vars.base}/x"}}
+    steps = steps_of(tmp_path, [{"name": "a", "command": "sft", "args": {"train.max_steps": "${n}"}}, merge],
+                     {"base": "B", "n": 3})
+    assert steps[0].parsed.train.max_steps == 3 and steps[0].out == tmp_path / "o" / "a"
+    assert steps[1].parsed.model.adapter == str(tmp_path / "o" / "a")
+    assert steps[1].parsed.model.name_or_path == "B/x" and steps[1].refs == {"a"}
+    with pytest.raises(MedGPTError, match=r"step 'm', args.model.adapter: unknown reference \$\{steps.b.output_dir"
+                                          r"\}: no earlier step is named 'b' \(earlier steps: a\)"):
+        steps_of(tmp_path, [{"name": "a", "command": "sft"}, {**merge, "args": {"model.adapter": "${steps.b.output_dir}"}}])
+    with pytest.raises(MedGPTError, match=r"refers to step 'm', which does not come before it"):
+        steps_of(tmp_path, [{"name": "a", "command": "sft", "args": {"model.adapter": "${steps.m.output_dir}"}}, merge])
+    with pytest.raises(MedGPTError, match=r"no var named 'bse' \(vars: base\).*Did you mean 'base'"):
+        steps_of(tmp_path, [{"name": "a", "command": "sft", "args": {"model.name_or_path": "${bse}"}}], {"base": "B"})
+    with pytest.raises(MedGPTError, match="appears twice"):
+        steps_of(tmp_path, [{"name": "a", "command": "sft"}, {"name": "a", "command": "rm"}])
+
+
+def test_only_needs_its_inputs(tmp_path, tiny_llama, capsys):
+    code, text = pipeline(capsys, recipe(tmp_path, tiny_llama), "--only", "answers")
+    assert code == 1 and "uses the output of step 'merge', which is not complete" in text
+    code, text = pipeline(capsys, recipe(tmp_path, tiny_llama), "--from_step", "nope")
+    assert code == 1 and "no step named 'nope'" in text
+
+
+def test_gpu_recipe_loads_without_network(tmp_path, capsys):
+    """The shipped GPU recipe: parsed and every step checked (hub ids are only names here), then a dry run."""
+    path = ROOT / "configs" / "pipeline" / "qwen2.5-0.5b-lora.yaml"
+    steps = load(parse_argv(Config, [str(path)]))[1]
+    assert [s.command for s in steps] == ["sft", "rm", "dpo", "merge", "sample"]
+    assert steps[0].parsed.finetune.type == "lora"
+    assert steps[2].parsed.model.adapter == str(steps[0].out)
+    assert steps[3].parsed.model.adapter == str(steps[2].out)
+    code, text = pipeline(capsys, "--recipe", path, "--dry_run", "--output_dir", tmp_path / "o")
+    assert code == 0, text
+    assert text.count("would run") == 5 and f"--output_dir {tmp_path / 'o' / 'dpo'}" in text
+    assert not (tmp_path / "o").exists()
