@@ -22,9 +22,8 @@ install: $(VENV)/.installed-$(EXTRAS)
 
 demo: install
 	$(BIN)/medgpt data validate data/demo
-	$(BIN)/medgpt tokenizer train configs/tokenizer/demo.yaml --output_dir $(DEMO_OUT)/tokenizer --overwrite
-	$(BIN)/medgpt data stats data/demo/sft_alpaca.json data/demo/sft_sharegpt.jsonl data/demo/preference.jsonl \
-		--model.name_or_path $(DEMO_OUT)/tokenizer --output $(DEMO_OUT)/token_lengths.png
+	$(BIN)/medgpt pipeline configs/quickstart.yaml --output_dir $(DEMO_OUT)
+	@echo "report: $(DEMO_OUT)/report.md"
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -183,3 +183,18 @@ def test_gpu_recipe_loads_without_network(tmp_path, capsys):
     assert code == 0, text
     assert text.count("would run") == 5 and f"--output_dir {tmp_path / 'o' / 'dpo'}" in text
     assert not (tmp_path / "o").exists()
+
+
+def test_quickstart_recipe_is_the_whole_pipeline(tmp_path, capsys):
+    """`make demo`'s recipe: every step checked before anything runs, in the documented order."""
+    path = ROOT / "configs" / "quickstart.yaml"
+    steps = load(parse_argv(Config, [str(path), "--output_dir", str(tmp_path / "demo")]))[1]
+    assert [s.command for s in steps] == ["tokenizer train", "pack", "pt", "sft", "rm", "ppo", "dpo", "orpo",
+                                          "merge", "sample"]
+    by_name = {s.name: s for s in steps}
+    assert by_name["pretrain"].parsed.model.init == "llama"
+    assert by_name["ppo"].parsed.reward.model == str(by_name["rm"].out)
+    assert by_name["merge"].parsed.model.adapter == str(by_name["orpo"].out)
+    code, text = pipeline(capsys, str(path), "--dry_run", "--output_dir", tmp_path / "demo")
+    assert code == 0, text
+    assert text.count("would run") == 10
