@@ -190,13 +190,14 @@ def _unknown(key: str, cls: type, source: str) -> MedGPTError:
     )
 
 
-def _flatten(d: dict, mapping_keys: set[str], prefix: str = "") -> dict[str, Any]:
-    """{'train': {'max_steps': 2}} -> {'train.max_steps': 2}; mapping-typed fields stay whole."""
+def flatten(d: dict, mapping_keys: set[str], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'max_steps': 2}} and {'train.max_steps': 2} alike -> {'train.max_steps': 2}; mapping-typed
+    fields (in mapping_keys) stay whole."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v and key not in mapping_keys:
-            out.update(_flatten(v, mapping_keys, key + "."))
+            out.update(flatten(v, mapping_keys, key + "."))
         else:
             out[key] = v
     return out
@@ -300,7 +301,7 @@ def parse_argv(cls: type, argv: list[str], positional: str | None = None):
 
     for tok in bare:
         if tok.endswith((".yaml", ".yml")) and not values:  # the first YAML file is the config
-            for k, v in _flatten(load_yaml(tok), mapping_keys).items():
+            for k, v in flatten(load_yaml(tok), mapping_keys).items():
                 values[k] = v
                 source[k] = f"in {tok}"
         elif positional:

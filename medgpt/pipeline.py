@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from medgpt.config import arg, build, iter_fields, load_yaml, parse_argv, to_dict
+from medgpt.config import arg, build, flatten, iter_fields, load_yaml, parse_argv, to_dict
 from medgpt.infer.sample import SampleConfig, run_sample
 from medgpt.utils import MedGPTError, atomic_write, is_main_process, log, write_json
 
@@ -138,18 +138,6 @@ def substitute(value: Any, scope: dict, where: str, refs: set[str] | None = None
     return value
 
 
-def _flat(args: dict, mapping_keys: set[str], prefix: str = "") -> dict[str, Any]:
-    """{'train': {'max_steps': 2}} and {'train.max_steps': 2} alike -> {'train.max_steps': 2}."""
-    out: dict[str, Any] = {}
-    for k, v in args.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and key not in mapping_keys:
-            out.update(_flat(v, mapping_keys, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _flag_value(value: Any, key: str, where: str) -> str:
     if isinstance(value, bool):
         return str(value).lower()
@@ -203,8 +191,8 @@ def check_step(i: int, raw: Any, scope: dict) -> Step:
 
     if command == "sample":
         mapping = {k for k, _, tp in iter_fields(SampleConfig) if getattr(tp, "__origin__", None) is dict}
-        values = _flat(load_yaml(config), mapping) if config else {}
-        values.update(_flat(substitute(args, scope, f"{where}, args", refs), mapping))
+        values = flatten(load_yaml(config), mapping) if config else {}
+        values.update(flatten(substitute(args, scope, f"{where}, args", refs), mapping))
         values.setdefault("output_dir", default_out)
         try:
             parsed = build(SampleConfig, values, {k: f"in {where}" for k in values})
@@ -223,7 +211,7 @@ def check_step(i: int, raw: Any, scope: dict) -> Step:
     cls = getattr(importlib.import_module(cmd.module), cmd.config)
     types_by_key = {k: tp for k, _, tp in iter_fields(cls)}
     mapping = {k for k, tp in types_by_key.items() if getattr(tp, "__origin__", None) is dict}
-    flat = _flat(substitute(args, scope, f"{where}, args", refs), mapping)
+    flat = flatten(substitute(args, scope, f"{where}, args", refs), mapping)
     argv = [str(config)] if config else []
     for key, value in flat.items():
         argv += [f"--{key}", _flag_value(value, key, where)]
