@@ -163,6 +163,11 @@ def checkpoint_callback():
 
 def save_artifacts(trainer, tokenizer, out: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     """Final weights (safetensors) + tokenizer with its chat template + metrics.json + loss.png."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if "ref" in getattr(model, "peft_config", {}):
+        # TRL's frozen copy of the starting adapter (the DPO/KTO/GRPO/RLOO reference) is not part of the result;
+        # checkpoints keep it, so --resume still has its reference.
+        model.delete_adapter("ref")
     trainer.save_model(str(out))
     if is_main_process():
         if tokenizer is not None:

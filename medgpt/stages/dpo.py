@@ -177,8 +177,6 @@ def run(cfg: Config) -> int:
     metrics = {**last_logged(trainer.state.log_history), **result.metrics}  # rewards/accuracies, margins, ...
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
-    if "ref" in getattr(trainer.model, "peft_config", {}):
-        trainer.model.delete_adapter("ref")  # TRL's frozen reference copy is not part of the result
     R.save_artifacts(trainer, tokenizer, out, metrics)
     return 0
 

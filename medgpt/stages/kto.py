@@ -271,7 +271,5 @@ def run(cfg: Config) -> int:
     metrics.update(result.metrics, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
-    if "ref" in getattr(trainer.model, "peft_config", {}):
-        trainer.model.delete_adapter("ref")  # TRL's frozen reference copy is not part of the result
     R.save_artifacts(trainer, tokenizer, out, metrics)
     return 0

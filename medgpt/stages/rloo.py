@@ -137,9 +137,5 @@ def run(cfg: Config) -> int:
     metrics = dict(result.metrics)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
-    policy = trainer.accelerator.unwrap_model(trainer.model)
-    if "ref" in getattr(policy, "peft_config", {}):
-        # TRL's frozen copy of the starting adapter (the KL reference); only the trained adapter is the result.
-        policy.delete_adapter("ref")
     R.save_artifacts(trainer, tokenizer, out, metrics)
     return 0
