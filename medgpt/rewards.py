@@ -259,6 +259,31 @@ def _function_names(reward_args) -> list[str]:
     return [n.strip() for n in reward_args.functions if n and n.strip()]
 
 
+def check_groups(train, section: str, num_generations: int, max_completion_length: int, has_eval: bool,
+                 why_two: str, why_together: str) -> None:
+    """TRL's rule for GRPO/RLOO, as a MedGPTError: every optimizer step (and eval batch) holds whole groups of
+    replies. `section` names the options (grpo, rloo); the two `why` texts say what the group is for."""
+    g = num_generations
+    flag = f"--{section}.num_generations"
+    if g < 2:
+        raise MedGPTError(f"{flag} {g}: {why_two}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = train.batch_size * train.gradient_accumulation_steps * world
+    if per_step % g:
+        raise MedGPTError(
+            f"completions per step = --train.batch_size {train.batch_size} x --train.gradient_accumulation_steps "
+            f"{train.gradient_accumulation_steps} x {world} process(es) = {per_step}, which is not a multiple of "
+            f"{flag} {g}: each prompt's {g} replies {why_together} and must land in the same step. Set "
+            f"--train.batch_size to a multiple of {g} (e.g. {g}), or change {flag}.")
+    if has_eval and (train.eval_batch_size * world) % g:
+        raise MedGPTError(f"--train.eval_batch_size {train.eval_batch_size} x {world} process(es) is not a "
+                          f"multiple of {flag} {g}; evaluation samples whole groups too. Set "
+                          f"--train.eval_batch_size to a multiple of {g}.")
+    if train.max_length <= max_completion_length:
+        raise MedGPTError(f"--train.max_length {train.max_length} leaves no room for a prompt next to "
+                          f"--{section}.max_completion_length {max_completion_length}. Raise max_length.")
+
+
 def check_rewards(reward_args, records: list[dict] | None = None) -> list[str]:
     """Validate `--reward.*` without loading anything (so a typo fails before any model loads); returns the
     source names in order: "reward_model" (when given), then each function. With `records`, also checks that

@@ -21,13 +21,11 @@ each step then trains on that many / num_generations prompts.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 from medgpt.args import DataArgs, FinetuneArgs, ModelArgs, RewardArgs, TrainArgs
 from medgpt.config import arg, section
-from medgpt.utils import MedGPTError
 
 
 @dataclass
@@ -67,29 +65,6 @@ class Config:
     resume: bool = arg(False, "Continue from the last complete checkpoint in output_dir.")
 
 
-def check_batch(cfg: Config, has_eval: bool) -> None:
-    """TRL's rule, as a MedGPTError: every optimizer step (and eval batch) holds whole groups of replies."""
-    g = cfg.grpo.num_generations
-    if g < 2:
-        raise MedGPTError(f"--grpo.num_generations {g}: GRPO compares replies within a group, so it needs at least "
-                          f"2 (4-16 is usual).")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world
-    if per_step % g:
-        raise MedGPTError(
-            f"completions per step = --train.batch_size {cfg.train.batch_size} x --train.gradient_accumulation_steps "
-            f"{cfg.train.gradient_accumulation_steps} x {world} process(es) = {per_step}, which is not a multiple of "
-            f"--grpo.num_generations {g}: each prompt's {g} replies are scored as one group and must land in the "
-            f"same step. Set --train.batch_size to a multiple of {g} (e.g. {g}), or change --grpo.num_generations.")
-    if has_eval and (cfg.train.eval_batch_size * world) % g:
-        raise MedGPTError(f"--train.eval_batch_size {cfg.train.eval_batch_size} x {world} process(es) is not a "
-                          f"multiple of --grpo.num_generations {g}; evaluation samples whole groups too. Set "
-                          f"--train.eval_batch_size to a multiple of {g}.")
-    if cfg.train.max_length <= cfg.grpo.max_completion_length:
-        raise MedGPTError(f"--train.max_length {cfg.train.max_length} leaves no room for a prompt next to "
-                          f"--grpo.max_completion_length {cfg.grpo.max_completion_length}. Raise max_length.")
-
-
 def run(cfg: Config) -> int:
     """Online RL with group-relative advantages (TRL GRPOTrainer)."""
     from medgpt import run as R
@@ -97,13 +72,17 @@ def run(cfg: Config) -> int:
     from medgpt.data.templates import apply_template, get_template_for, stop_token_ids
     from medgpt.data.validate import load_splits
     from medgpt.model.load import load_model, load_tokenizer
-    from medgpt.rewards import build_rewards, check_rewards
+    from medgpt.rewards import build_rewards, check_groups, check_rewards
 
     # Data, rewards and batch shape first: a bad file, a typo in a reward name or a batch that cannot hold
     # whole groups fails in seconds, before any model loads.
     train_records, eval_records = load_splits(cfg.data, "prompt", purpose="grpo", seed=cfg.train.seed)
     check_rewards(cfg.reward, train_records)
-    check_batch(cfg, has_eval=bool(eval_records))
+    check_groups(cfg.train, "grpo", cfg.grpo.num_generations, cfg.grpo.max_completion_length,
+                 has_eval=bool(eval_records),
+                 why_two="GRPO compares replies within a group, so it needs at least 2"
+                         " (4-16 is usual).",
+                 why_together="are scored as one group")
     from trl import GRPOConfig, GRPOTrainer
 
     out = R.start(cfg)

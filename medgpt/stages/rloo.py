@@ -20,13 +20,11 @@ gradient_accumulation_steps x processes) must hold whole groups, i.e. be a multi
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 from medgpt.args import DataArgs, FinetuneArgs, ModelArgs, RewardArgs, TrainArgs
 from medgpt.config import arg, section
-from medgpt.utils import MedGPTError
 
 
 @dataclass
@@ -61,30 +59,6 @@ class Config:
     resume: bool = arg(False, "Continue from the last complete checkpoint in output_dir.")
 
 
-def check_batch(cfg: Config, has_eval: bool) -> None:
-    """TRL's rule, as a MedGPTError: every optimizer step (and eval batch) holds whole groups of replies."""
-    k = cfg.rloo.num_generations
-    if k < 2:
-        raise MedGPTError(f"--rloo.num_generations {k}: the leave-one-out baseline of a reply is the mean reward of "
-                          f"the other replies to its prompt, so RLOO needs at least 2 (4 is usual).")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world
-    if per_step % k:
-        raise MedGPTError(
-            f"completions per step = --train.batch_size {cfg.train.batch_size} x --train.gradient_accumulation_steps "
-            f"{cfg.train.gradient_accumulation_steps} x {world} process(es) = {per_step}, which is not a multiple of "
-            f"--rloo.num_generations {k}: each prompt's {k} replies are baselines for one another and must land in "
-            f"the same step. Set --train.batch_size to a multiple of {k} (e.g. {k}), or change "
-            f"--rloo.num_generations.")
-    if has_eval and (cfg.train.eval_batch_size * world) % k:
-        raise MedGPTError(f"--train.eval_batch_size {cfg.train.eval_batch_size} x {world} process(es) is not a "
-                          f"multiple of --rloo.num_generations {k}; evaluation samples whole groups too. Set "
-                          f"--train.eval_batch_size to a multiple of {k}.")
-    if cfg.train.max_length <= cfg.rloo.max_completion_length:
-        raise MedGPTError(f"--train.max_length {cfg.train.max_length} leaves no room for a prompt next to "
-                          f"--rloo.max_completion_length {cfg.rloo.max_completion_length}. Raise max_length.")
-
-
 def run(cfg: Config) -> int:
     """Online RL with leave-one-out baselines (TRL RLOOTrainer)."""
     from medgpt import run as R
@@ -92,13 +66,17 @@ def run(cfg: Config) -> int:
     from medgpt.data.templates import apply_template, get_template_for, stop_token_ids
     from medgpt.data.validate import load_splits
     from medgpt.model.load import load_model, load_tokenizer
-    from medgpt.rewards import build_rewards, check_rewards
+    from medgpt.rewards import build_rewards, check_groups, check_rewards
 
     # Data, rewards and batch shape first: a bad file, a typo in a reward name or a batch that cannot hold
     # whole groups fails in seconds, before any model loads.
     train_records, eval_records = load_splits(cfg.data, "prompt", purpose="rloo", seed=cfg.train.seed)
     check_rewards(cfg.reward, train_records)
-    check_batch(cfg, has_eval=bool(eval_records))
+    check_groups(cfg.train, "rloo", cfg.rloo.num_generations, cfg.rloo.max_completion_length,
+                 has_eval=bool(eval_records),
+                 why_two="the leave-one-out baseline of a reply is the mean reward of "
+                         "the other replies to its prompt, so RLOO needs at least 2 (4 is usual).",
+                 why_together="are baselines for one another")
     from trl import RLOOConfig, RLOOTrainer
 
     out = R.start(cfg)
