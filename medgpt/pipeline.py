@@ -49,7 +49,7 @@ ARTIFACTS: dict[str, list] = {
     "tokenizer train": ["tokenizer.json"], "tokenizer extend": ["tokenizer.json"], "pack": ["meta.json"],
     "merge": ["config.json", WEIGHTS], "sample": ["samples.jsonl"], "eval": ["metrics.json", "report.md"],
 }
-KEY_METRICS = ("loss", "perplexity", "accura", "margin", "reward", "score", "kl", "global_step")
+KEY_METRICS = ("loss", "perplexity", "accura", "margin", "reward", "score", "kl", "rouge_l", "global_step")
 REF = re.compile(r"\$\{([^}]*)\}")
 
 
@@ -460,6 +460,9 @@ def write_report(root: Path, steps: list[Step]) -> None:
             for row in _read_jsonl(s.out / "samples.jsonl"):
                 answer = row.get("answer", "").replace("\n", "\n> ")
                 details += ["", f"**Q:** {row.get('question', '')}", "", f"> {answer or '(empty)'}"]
+                if "reference" in row:
+                    ref = row["reference"] if len(row["reference"]) <= 300 else row["reference"][:300] + " ..."
+                    details += ["", f"Reference (ROUGE-L {row['rouge_l']:.2f}): {ref}"]
     with atomic_write(root / REPORT) as f:
         f.write("\n".join(lines + evaluation_table(steps) + details) + "\n")
 

@@ -239,3 +239,31 @@ def test_nested_args_pass_through_steps(tmp_path):
     pk = str(tmp_path / "o" / "pk")
     assert pt.parsed.pt.phases == [{"name": "general", "steps": 3, "data": {pk: 1}},
                                    {"name": "anneal", "steps": 2, "data": {pk: 1, "other": 2.5}}]
+
+
+def test_sample_scores_answers_against_file_references(tmp_path, tiny_llama):
+    from medgpt.eval.rouge import rouge_l
+    from medgpt.infer.sample import SampleConfig, run_sample
+
+    conversations = [[{"from": "human", "value": "发烧怎么办？"}, {"from": "gpt", "value": "多喝水，注意休息。"}],
+                     [{"from": "human", "value": "What is a fever?"}, {"from": "gpt", "value": "A raised body temperature."}]]
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"conversations": c}, ensure_ascii=False) + "\n" for c in conversations),
+                  encoding="utf-8")
+    out = tmp_path / "answers"
+    args = ["--model.name_or_path", str(tiny_llama), "--template", "chatml", "--gen.max_new_tokens", "5",
+            "--output_dir", str(out)]
+    assert run_sample(parse_argv(SampleConfig, [*args, "--questions", "Hello?", "--questions_file", str(qa)])) == 0
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["question"] for r in rows] == ["Hello?", "发烧怎么办？", "What is a fever?"]
+    assert "reference" not in rows[0] and "rouge_l" not in rows[0]  # a question given inline has no reference
+    assert [r["reference"] for r in rows[1:]] == ["多喝水，注意休息。", "A raised body temperature."]
+    for r in rows[1:]:
+        assert r["rouge_l"] == round(rouge_l(r["answer"], r["reference"]), 4)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rouge_l_answers"] == 2
+    assert metrics["rouge_l"] == pytest.approx((rows[1]["rouge_l"] + rows[2]["rouge_l"]) / 2, abs=1e-4)
+
+    # without references, the earlier score goes: it would describe other answers
+    assert run_sample(parse_argv(SampleConfig, [*args, "--questions", "Hello?"])) == 0
+    assert not (out / "metrics.json").exists()

@@ -1,6 +1,10 @@
 """Sample answers: replies to a few questions with a model's own chat template (the pipeline's `sample` step, so
 a run's report shows what the model says). Greedy by default, through the one generation engine
 (medgpt/infer/engine.py), repetition guard included.
+
+When the questions come from a file with reference answers (chat records: the last assistant turn; prompt
+records with an `answer`), each answer is scored against its reference with ROUGE-L (medgpt/eval/rouge.py), and
+metrics.json holds the mean: on training questions it measures how much of its data the model can say back.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Optional
 
 from medgpt.args import GenArgs, ModelArgs
 from medgpt.config import arg, section
-from medgpt.utils import MedGPTError, atomic_write, log
+from medgpt.utils import MedGPTError, atomic_write, log, write_json
 
 
 @dataclass
@@ -33,35 +37,52 @@ class SampleConfig:
 
 def read_questions(cfg: SampleConfig) -> list[list[dict]]:
     """Each question as the messages to send (a system message first when cfg.system is set)."""
-    prompts = [[{"role": "user", "content": q}] for q in cfg.questions]
+    return [messages for messages, _ in read_questions_with_references(cfg)]
+
+
+def read_questions_with_references(cfg: SampleConfig) -> list[tuple[list[dict], Optional[str]]]:
+    """Each question as the messages to send, with its reference answer when the file gives one (else None)."""
+    prompts = [([{"role": "user", "content": q}], None) for q in cfg.questions]
     f = cfg.questions_file
     if f:
         if not Path(f).is_file():
             raise MedGPTError(f"questions_file {f} does not exist. Check the sample step's args.")
         if f.endswith(".txt"):
             lines = [x.strip() for x in Path(f).read_text(encoding="utf-8").splitlines() if x.strip()]
-            extra = [[{"role": "user", "content": q}] for q in lines]
+            extra = [([{"role": "user", "content": q}], None) for q in lines]
         else:
             from medgpt.data.validate import load_records
 
-            extra = [r["prompt"] for r in load_records([f], "prompt", max_samples=cfg.max_questions)]
+            extra = [(r["prompt"], r.get("answer")) for r in load_records([f], "prompt", max_samples=cfg.max_questions)]
         prompts += extra[:cfg.max_questions]
     system = [{"role": "system", "content": cfg.system}] if cfg.system else []
-    return [system + [m for m in p if m["role"] != "system" or not system] for p in prompts]
+    return [(system + [m for m in p if m["role"] != "system" or not system], ref) for p, ref in prompts]
 
 
 def run_sample(cfg: SampleConfig) -> int:
-    """Answers to the questions, one batch -> <output_dir>/samples.jsonl."""
+    """Answers to the questions, one batch -> <output_dir>/samples.jsonl (+ metrics.json with ROUGE-L when
+    there are reference answers)."""
+    from medgpt.eval.rouge import rouge_l
     from medgpt.infer.engine import Engine
 
-    prompts = read_questions(cfg)
+    questions = read_questions_with_references(cfg)
     engine = Engine.load(cfg.model, cfg.template)
-    results = engine.generate([engine.prompt_ids(m) for m in prompts], cfg.gen)
+    results = engine.generate([engine.prompt_ids(m) for m, _ in questions], cfg.gen)
     rows = []
-    for messages, res in zip(prompts, results):
-        rows.append({"question": messages[-1]["content"], "answer": res.text.strip(),
-                     "finish_reason": res.finish_reason})
-        log(f"Q: {rows[-1]['question']}\nA: {rows[-1]['answer']}\n")
-    with atomic_write(Path(cfg.output_dir) / "samples.jsonl") as f:
+    for (messages, ref), res in zip(questions, results):
+        row = {"question": messages[-1]["content"], "answer": res.text.strip(), "finish_reason": res.finish_reason}
+        if ref is not None:
+            row.update(reference=ref, rouge_l=round(rouge_l(row["answer"], ref), 4))
+        rows.append(row)
+        score = f"  (ROUGE-L {row['rouge_l']:.3f} against the reference)" if ref is not None else ""
+        log(f"Q: {row['question']}\nA: {row['answer']}{score}\n")
+    out = Path(cfg.output_dir)
+    scored = [r["rouge_l"] for r in rows if "rouge_l" in r]
+    if scored:  # written before samples.jsonl, the artifact that marks the step complete
+        write_json(out / "metrics.json", {"rouge_l": sum(scored) / len(scored), "rouge_l_answers": len(scored)})
+        log(f"ROUGE-L against the references: {sum(scored) / len(scored):.3f} over {len(scored)} answer(s)")
+    else:
+        (out / "metrics.json").unlink(missing_ok=True)  # an earlier run's score must not describe these answers
+    with atomic_write(out / "samples.jsonl") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return 0
