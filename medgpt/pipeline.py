@@ -461,7 +461,8 @@ def write_report(root: Path, steps: list[Step]) -> None:
                 answer = row.get("answer", "").replace("\n", "\n> ")
                 details += ["", f"**Q:** {row.get('question', '')}", "", f"> {answer or '(empty)'}"]
                 if "reference" in row:
-                    ref = row["reference"] if len(row["reference"]) <= 300 else row["reference"][:300] + " ..."
+                    ref = " ".join(row["reference"].split())  # one line: a list in the reference stays in the quote
+                    ref = ref if len(ref) <= 300 else ref[:300] + " ..."
                     details += ["", f"Reference (ROUGE-L {row['rouge_l']:.2f}): {ref}"]
     with atomic_write(root / REPORT) as f:
         f.write("\n".join(lines + evaluation_table(steps) + details) + "\n")

@@ -194,7 +194,7 @@ def test_quickstart_recipe_is_the_whole_pipeline(tmp_path, capsys):
     by_name = {s.name: s for s in steps}
     assert by_name["pretrain"].parsed.model.init == "llama"
     assert [p["data"] for p in by_name["pretrain"].parsed.pt.phases] == [
-        {str(by_name["pack"].out): 1}, {str(by_name["pack"].out): 1, str(by_name["pack_chat"].out): 3}]
+        {str(by_name["pack"].out): 1}, {str(by_name["pack"].out): 1, str(by_name["pack_chat"].out): 9}]
     assert by_name["eval_final"].parsed.eval == by_name["eval_sft"].parsed.eval  # the same yardstick twice
     assert by_name["ppo"].parsed.reward.model == str(by_name["rm"].out)
     assert by_name["merge"].parsed.model.adapter == str(by_name["orpo"].out)
@@ -211,6 +211,7 @@ def test_eval_steps_show_before_and_after(tmp_path, tiny_llama, capsys):
     data["steps"].insert(1, {"name": "before", "command": "eval", "args": {"model.name_or_path": "${base}", **ev}})
     data["steps"].append({"name": "after", "command": "eval",
                           "args": {"model.name_or_path": "${steps.merge.output_dir}", **ev}})
+    data["steps"][-2]["args"].update(questions_file=str(DATA / "sharegpt.jsonl"), max_questions=1)  # answers
     path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
     code, text = pipeline(capsys, path)
     assert code == 0, text
@@ -220,6 +221,10 @@ def test_eval_steps_show_before_and_after(tmp_path, tiny_llama, capsys):
     assert "| metric | before | after | change (before -> after) |" in report
     row = next(line for line in report.splitlines() if line.startswith("| mcq/overall/accuracy |"))
     assert row == f"| mcq/overall/accuracy | {before:.4g} | {after:.4g} | {after - before:+.4g} |"
+    # answers with a reference: the score in the step table, the reference on one line under the answer
+    scored = [json.loads(x) for x in (tmp_path / "out" / "answers" / "samples.jsonl").read_text().splitlines()][-1]
+    assert re.search(r"\| answers \| sample \| ran \| .* \| rouge_l [0-9.]+, rouge_l_answers 1 \|", report), report
+    assert f"Reference (ROUGE-L {scored['rouge_l']:.2f}): {' '.join(scored['reference'].split())[:300]}" in report
     code, text = pipeline(capsys, path)  # complete: both eval steps are skipped the second time
     assert code == 0 and "=== step" not in text  # complete: nothing reruns, the eval steps included
 
