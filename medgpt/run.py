@@ -25,9 +25,11 @@ def start(cfg) -> Path:
     import torch
     from transformers import set_seed
 
-    # Tiny numbers (denormals) are computed in slow microcode on x86 CPUs; as weights and Adam's moments shrink
-    # during training they appear in numbers, and CPU training slowed from 10k to 6.5k tokens/s within 400 steps
-    # of the demo pretrain. Flushing them to zero keeps the first speed; their size (< 1.2e-38) cannot matter.
+    # Tiny numbers (denormals, < 1.2e-38) are computed in slow microcode on x86 CPUs; as training shrinks weights,
+    # gradients and Adam's moments they appear, and CPU training slows down by a third (the demo pretrain went
+    # from 10k to 6.5k tokens/s within 400 steps; benchmarks/cpu_denormals.py: 1.43x, same loss). Flushing them
+    # to zero keeps the first speed. The flag is per thread and torch's worker threads inherit it when they are
+    # created, so it is set here, before any model work starts them.
     torch.set_flush_denormal(True)
     # Only rank 0 judges whether the dir is empty: the others could already see its config.yaml and refuse.
     # When rank 0 refuses, the launcher (torchrun, accelerate) stops the other ranks.
