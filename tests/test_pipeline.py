@@ -251,7 +251,8 @@ def test_sample_scores_answers_against_file_references(tmp_path, tiny_llama):
     from medgpt.infer.sample import SampleConfig, run_sample
 
     conversations = [[{"from": "human", "value": "发烧怎么办？"}, {"from": "gpt", "value": "多喝水，注意休息。"}],
-                     [{"from": "human", "value": "What is a fever?"}, {"from": "gpt", "value": "A raised body temperature."}]]
+                     [{"from": "human", "value": "What is a fever?"},
+                      {"from": "gpt", "value": "A raised body temperature."}]]
     qa = tmp_path / "qa.jsonl"
     qa.write_text("".join(json.dumps({"conversations": c}, ensure_ascii=False) + "\n" for c in conversations),
                   encoding="utf-8")
