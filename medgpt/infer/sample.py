@@ -35,13 +35,9 @@ class SampleConfig:
 
 
 
-def read_questions(cfg: SampleConfig) -> list[list[dict]]:
-    """Each question as the messages to send (a system message first when cfg.system is set)."""
-    return [messages for messages, _ in read_questions_with_references(cfg)]
-
-
-def read_questions_with_references(cfg: SampleConfig) -> list[tuple[list[dict], Optional[str]]]:
-    """Each question as the messages to send, with its reference answer when the file gives one (else None)."""
+def read_questions(cfg: SampleConfig) -> list[tuple[list[dict], Optional[str]]]:
+    """Each question as the messages to send (a system message first when cfg.system is set), with its reference
+    answer when the file gives one (else None)."""
     prompts = [([{"role": "user", "content": q}], None) for q in cfg.questions]
     f = cfg.questions_file
     if f:
@@ -65,7 +61,7 @@ def run_sample(cfg: SampleConfig) -> int:
     from medgpt.eval.rouge import rouge_l
     from medgpt.infer.engine import Engine
 
-    questions = read_questions_with_references(cfg)
+    questions = read_questions(cfg)
     engine = Engine.load(cfg.model, cfg.template)
     results = engine.generate([engine.prompt_ids(m) for m, _ in questions], cfg.gen)
     rows = []
