@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from medgpt.data.pii import TYPES, id_check_char, luhn_ok, parse_types, scrub, valid_card, valid_id
+from medgpt.data.pii import (
+    TYPES,
+    id_check_char,
+    luhn_ok,
+    parse_types,
+    scrub,
+    scrub_record,
+    valid_card,
+    valid_id,
+)
 
 VALID_ID = "11010519491231002X"  # the worked example of GB 11643-1999
 VALID_ID_DIGIT = "440304199001011233"  # check digit computed by hand below
@@ -90,6 +102,76 @@ REPLACED = [
     ("Patient Mr. Wang reports", "Patient Mr. [NAME] reports", {"NAME": 1}),
     ("Patient: Mr. Smith", "Patient: Mr. [NAME]", {"NAME": 1}),
     ("转诊患者李建国", "转诊患者[NAME]", {"NAME": 1}),
+    # names: titled, labelled, kin, self-introduced, opening a note; a name found once goes everywhere in the text
+    ("Mr. John Smith was seen today. Smith reported chest pain.",
+     "Mr. [NAME] was seen today. [NAME] reported chest pain.", {"NAME": 2}),
+    ("Dr. Li reviewed the CT.", "Dr. [NAME] reviewed the CT.", {"NAME": 1}),
+    ("Prof. Chen asked Mrs. O'Brien to return.", "Prof. [NAME] asked Mrs. [NAME] to return.", {"NAME": 2}),
+    ("See Dr. Smith's guideline (Smith et al., 2019).", "See Dr. [NAME]'s guideline ([NAME] et al., 2019).",
+     {"NAME": 2}),
+    ("患者王建国，男，60岁。王建国诉胸闷2天。", "患者[NAME]，男，60岁。[NAME]诉胸闷2天。", {"NAME": 2}),
+    ("王建国，男，58岁，因胸痛入院", "[NAME]，男，58岁，因胸痛入院", {"NAME": 1}),
+    ("家属李梅（女儿）签字", "家属[NAME]（女儿）签字", {"NAME": 1}),
+    ("联系人：赵强，电话13800001111", "联系人：[NAME]，电话[PHONE]", {"NAME": 1, "PHONE": 1}),
+    ("刘先生今日复诊", "[NAME]先生今日复诊", {"NAME": 1}),
+    ("请咨询孙医生", "请咨询[NAME]医生", {"NAME": 1}),
+    ("尊敬的许丽华女士：", "尊敬的[NAME]女士：", {"NAME": 1}),
+    ("出院医嘱（主治医师：林建华）", "出院医嘱（主治医师：[NAME]）", {"NAME": 1}),
+    ("Emergency contact: wife, Mary Jones", "Emergency contact: wife, [NAME]", {"NAME": 1}),
+    ("Her husband, David Park, called.", "Her husband, [NAME], called.", {"NAME": 1}),
+    ("Sarah Connor is a 45-year-old woman with asthma.", "[NAME] is a 45-year-old woman with asthma.", {"NAME": 1}),
+    ("my name is Tom Baker and I have a cough", "my name is [NAME] and I have a cough", {"NAME": 1}),
+    ("Attending: Dr. Rajesh Patel", "Attending: Dr. [NAME]", {"NAME": 1}),
+    ("患者 Patient: 黄丽 Huang Li", "患者 Patient: [NAME] [NAME]", {"NAME": 2}),
+    # street addresses and labelled places
+    ("住址：北京市朝阳区建国路88号3栋2单元501室，", "住址：[ADDRESS]，", {"ADDRESS": 1}),
+    ("家住江苏省南京市鼓楼区中山路100号", "家住[ADDRESS]", {"ADDRESS": 1}),
+    ("送至武汉市洪山区珞喻路1037号急诊", "送至[ADDRESS]急诊", {"ADDRESS": 1}),
+    ("籍贯湖南省邵阳市隆回县，", "籍贯[ADDRESS]，", {"ADDRESS": 1}),
+    ("Lives at 742 Evergreen Terrace, Springfield, OR 97403.", "Lives at [ADDRESS].", {"ADDRESS": 1}),
+    ("Address: 10 Downing Street, London SW1A 2AA", "Address: [ADDRESS]", {"ADDRESS": 1}),
+    ("ZIP: 94110", "ZIP: [ADDRESS]", {"ADDRESS": 1}),
+    ("邮编：210008", "邮编：[ADDRESS]", {"ADDRESS": 1}),
+    ("City: Boston", "City: [ADDRESS]", {"ADDRESS": 1}),
+    # dates of birth in the forms that leaked
+    ("出生于1985年3月", "出生于[DOB]", {"DOB": 1}),
+    ("born December 12, 1973", "born [DOB]", {"DOB": 1}),
+    ("DOB: 12/03/1973", "DOB: [DOB]", {"DOB": 1}),
+    ("于2020年2月3日出生", "于[DOB]出生", {"DOB": 1}),
+    ("Birthdate 1990-01-02", "Birthdate [DOB]", {"DOB": 1}),
+    # phones outside mainland formats
+    ("(415) 555-0132", "[PHONE]", {"PHONE": 1}),
+    ("call +1 415-555-0132.", "call [PHONE].", {"PHONE": 1}),
+    ("+44 20 7946 0958", "[PHONE]", {"PHONE": 1}),
+    ("415.555.0132", "[PHONE]", {"PHONE": 1}),
+    ("020 7946 0958", "[PHONE]", {"PHONE": 1}),
+    ("Fax: 555-0199", "Fax: [PHONE]", {"PHONE": 1}),
+    ("传真：62345678", "传真：[PHONE]", {"PHONE": 1}),
+    # record, account, license, device, plate numbers after their labels
+    ("MRN#: 00123456", "MRN#: [MRN]", {"MRN": 1}),
+    ("就诊卡：12345678", "就诊卡：[MRN]", {"MRN": 1}),
+    ("就诊卡号 A0098", "就诊卡号 [MRN]", {"MRN": 1}),
+    ("NHS number 943 476 5919", "NHS number [MRN]", {"MRN": 1}),
+    ("医保卡号：1234567890", "医保卡号：[ACCOUNT]", {"ACCOUNT": 1}),
+    ("Member ID: ABC123456", "Member ID: [ACCOUNT]", {"ACCOUNT": 1}),
+    ("Health plan ID: UHC-884-201-337", "Health plan ID: [ACCOUNT]", {"ACCOUNT": 1}),
+    ("执业证书编号：110430000012345", "执业证书编号：[LICENSE]", {"LICENSE": 1}),
+    ("DEA #: AB1234563", "DEA #: [LICENSE]", {"LICENSE": 1}),
+    ("序列号：PJN123456H", "序列号：[DEVICE]", {"DEVICE": 1}),
+    ("serial no. 412938", "serial no. [DEVICE]", {"DEVICE": 1}),
+    ("车牌号：京A12345", "车牌号：[PLATE]", {"PLATE": 1}),
+    ("License plate: 8XYZ123", "License plate: [PLATE]", {"PLATE": 1}),
+    # IDs after a label even with a wrong check digit; passports; SSNs; labelled cards; URLs; IPs
+    ("身份证号440106198503124535", "身份证号[ID]", {"ID": 1}),
+    ("身份证号：110105194912310021", "身份证号：[ID]", {"ID": 1}),
+    ("Passport no. E12345678", "Passport no. [ID]", {"ID": 1}),
+    ("SSN 123-45-6789", "SSN [SSN]", {"SSN": 1}),
+    ("ssn: 123456789", "ssn: [SSN]", {"SSN": 1}),
+    ("银行卡号：6222021000123456791", "银行卡号：[BANK_CARD]", {"BANK_CARD": 1}),
+    ("see https://example.org/p/123.", "see [URL].", {"URL": 1}),
+    ("发票见www.example.com/x。", "发票见[URL]。", {"URL": 1}),
+    ("logged from 192.168.1.20", "logged from [IP]", {"IP": 1}),
+    ("2001:db8::8a2e:370:7334", "[IP]", {"IP": 1}),
     # several at once
     (f"患者张三，男，45岁，身份证{VALID_ID}，电话13812345678，住院号：A123456",
      "患者[NAME]，男，45岁，身份证[ID]，电话[PHONE]，住院号：[MRN]", {"NAME": 1, "ID": 1, "PHONE": 1, "MRN": 1}),
@@ -104,8 +186,7 @@ def test_identifiers_replaced(text, expected, counts):
 
 
 LEFT_ALONE = [
-    "110105194912310021",                      # ID with a wrong check digit
-    "身份证号：110105194912310021",             # ... even when labelled
+    "110105194912310021",                      # ID with a wrong check digit, unlabelled
     "110105194913310021",                      # right check digit, impossible birth date (month 13)
     "4111111111111112",                         # card number failing Luhn
     "检验编号 20230915123456",                   # a long accession number / timestamp
@@ -142,10 +223,50 @@ LEFT_ALONE = [
     "Patient: 65-year-old male with chest pain",
     "Patient: Male, 45",
     "Brand name: Lipitor (atorvastatin)",
-    "See Dr. Smith's guideline (Smith et al., 2019).",
+    "See the guideline (Smith et al., 2019).",  # a citation: nothing marks Smith as a person
     "Call 120 or 911 in an emergency.",
     "用药时间 08:00、12:00、18:00",
     "对于大多数非妊娠成人2型糖尿病患者，HbA1c 目标 <7.0%",
+    # number-heavy clinical text: vitals, visit dates and times, codes, doses, ranges, scores, versions
+    "血压 140/90 mmHg，心率 72 次/分，体温 36.5℃，呼吸 18 次/分",
+    "复查时间：2024-03-15 09:30；下次随访 2024/04/15",
+    "ICD-10: I10, E11.9, N18.3; ICD-9 250.00",
+    "Metoprolol 25 mg PO BID; lisinopril 10 mg daily; atorvastatin 40 mg qhs",
+    "Glucose 151-200 mg/dL: 2 units; 201-250 mg/dL: 4 units; 251-300 mg/dL: 6 units",
+    "See section 4.2.1.3 of the guideline.",
+    "FEV1 2.1 L (65%), FVC 3.4 L, FEV1/FVC 0.62",
+    "Na 138, K 4.1, Cl 101, HCO3 24, BUN 18, Cr 1.1, Glu 110",
+    "Medication times: 08:00, 12:30:45, 18:00",
+    "PHQ-9 21, GAD-7 15, MoCA 24/30",
+    "Accession 23-306-00871, specimen 20230915-0032",
+    "Hb 12.3 g/dL on 2023.05.03",
+    "Admitted 03/04/2023, discharged 03/09/2023.",
+    "INR 2.5 (target 2.0-3.0), warfarin 3 mg/5 mg alternate days",
+    "NYHA II, EF 35%, LVEDD 62 mm, NT-proBNP 1850 pg/mL",
+    "Cardiac output 5.2 L/min; CI 2.8 L/min/m2; PCWP 18 mmHg",
+    "白细胞 12.5×10^9/L，中性粒细胞 85.2%，CRP 120 mg/L，PCT 2.5 ng/mL",
+    "住院第3天，床号12床，门诊随访",
+    "出生体重3250 g，出生后1分钟Apgar 9分",
+    "born at 32 weeks, birth weight 1.8 kg",
+    "Take 2 Tablets Daily with food.",
+    # words around names and places that are not names or places
+    "患者母亲高血压病史，父亲体健",
+    "患者家属同意手术，签字",
+    "向医生咨询用药",
+    "主任医师查房：考虑冠心病",
+    "急诊科医生建议住院",
+    "其余医生意见一致",
+    "应在医生指导下使用",
+    "如有不适，应及时联系医生。",
+    "应找医生评估",
+    "患者居住于本市，务农",
+    "家住农村，务农",
+    "Mother: breast cancer at 52. Father: MI at 60.",
+    "Family history: mother Type 2 diabetes, father Coronary Artery Disease.",
+    "Patient Health Questionnaire (PHQ-9) score 12",
+    "In 2019, Smith et al. reported a 12% reduction.",
+    "He lives at home with his wife.",
+    "000-12-3456",                              # not a valid SSN area
 ]
 
 
@@ -168,3 +289,57 @@ def test_types_pick_what_is_scrubbed():
 def test_empty_and_short_text():
     assert scrub("") == ("", Counter())
     assert scrub("ok") == ("ok", Counter())
+
+
+def test_a_name_found_in_one_field_is_scrubbed_in_all():
+    """A record is scrubbed as a whole: the assistant's "李秀英您好" goes because the user said "我叫李秀英"."""
+    chat = {"id": 7, "messages": [
+        {"role": "user", "content": "我叫李秀英，今年63岁，血压150/100怎么办？"},
+        {"role": "assistant", "content": "李秀英您好，血压150/100 mmHg偏高，建议复诊。"},
+        {"role": "user", "content": "Thanks. My doctor is Dr. Osei."},
+        {"role": "assistant", "content": "Osei can adjust the dose."}]}
+    out, found = scrub_record(chat)
+    assert [m["content"] for m in out["messages"]] == [
+        "我叫[NAME]，今年63岁，血压150/100怎么办？", "[NAME]您好，血压150/100 mmHg偏高，建议复诊。",
+        "Thanks. My doctor is Dr. [NAME].", "[NAME] can adjust the dose."]
+    assert out["id"] == 7 and out["messages"][0]["role"] == "user" and found == Counter({"NAME": 4})
+    # an earlier field loses a name found only in a later one; another record shares nothing
+    out, _ = scrub_record(["Smith called back.", "Patient: John Smith"])
+    assert out == ["[NAME] called back.", "Patient: [NAME]"]
+    assert scrub_record(["Smith called back."]) == (["Smith called back."], Counter())
+    assert scrub_record({"n": 1, "x": None}) == ({"n": 1, "x": None}, Counter())
+
+
+def test_data_clean_scrubs_records_as_a_whole():
+    """`medgpt data clean` goes through scrub_record, so later bare mentions go too (the web UI and server logs keep
+    calling scrub() per string)."""
+    from medgpt.data.clean import scrub_obj
+
+    counts = Counter()
+    rec = {"conversations": [{"from": "human", "value": "患者王建国，男，70岁，头晕。"},
+                             {"from": "gpt", "value": "王建国需要复查血压。"}]}
+    out = scrub_obj(rec, parse_types(None), counts)
+    assert [t["value"] for t in out["conversations"]] == ["患者[NAME]，男，70岁，头晕。", "[NAME]需要复查血压。"]
+    assert counts == Counter({"NAME": 2})
+
+
+def _benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pii_recall.py"
+    spec = importlib.util.spec_from_file_location("pii_recall", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_recall_and_precision_stay_high():
+    """The labelled notes of benchmarks/pii_notes.jsonl: recall and precision >= 95%, every medical fact kept."""
+    bench = _benchmark()
+    notes = [json.loads(line) for line in bench.NOTES.read_text(encoding="utf-8").splitlines()]
+    assert len(notes) >= 40
+    r = bench.evaluate(notes)
+    found, total = sum(r["found"].values()), sum(r["total"].values())
+    real, spans = sum(r["true"].values()), sum(r["spans"].values())
+    assert total >= 150 and found / total >= 0.95, r["misses"]
+    assert real / spans >= 0.95, r["false_positives"]
+    assert r["facts_kept"] == r["facts_total"]
+    assert all(r["spans"][t] == r["true"][t] for t in TYPES if t != "NAME"), r["false_positives"]
