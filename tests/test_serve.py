@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -211,7 +212,8 @@ def test_oversized_requests_are_refused_clearly(server, client):
             yield b"a" * 1000
         yield b'"}'
 
-    r = httpx.post(server.url + "/v1/completions", content=chunked(), headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(server.url + "/v1/completions", content=chunked(),
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == 413 and "more than 20000" in r.json()["error"]["message"]
 
 
@@ -237,7 +239,7 @@ def test_bad_fields_get_openai_shaped_errors(server, body, status, needle):
 
 
 def test_bad_json_unknown_routes_and_a_busy_queue(server, client, monkeypatch):
-    auth = {"Authorization": f"Bearer {KEY}"}
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers=auth)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/completions", content=b"[1, 2]", headers=auth)
@@ -292,6 +294,143 @@ def test_request_fields_over_the_defaults():
     assert to_messages([{"role": "system", "content": "a"}, {"role": "developer", "content": "b"},
                         {"role": "user", "content": [{"type": "text", "text": "c"}]}]) == \
         [{"role": "system", "content": "a\n\nb"}, {"role": "user", "content": "c"}]
+
+
+# ------------------------------------------------------------------------------------------- hardening
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+HI = json.dumps({"model": NAME, "messages": user("hi"), "max_tokens": 2}).encode()
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/jsonp"])
+def test_posts_need_a_json_content_type(server, content_type):
+    """A web page may POST text/plain (or a form) to a local server cross-site without a CORS preflight: such a
+    body is refused before it is read, whatever it holds."""
+    headers = {**AUTH, **({"Content-Type": content_type} if content_type else {})}
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        r = httpx.post(server.url + path, content=HI, headers=headers)
+        assert r.request.headers.get("content-type") == content_type
+        assert r.status_code == 415, r.text
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["code"] == "unsupported_media_type"
+        assert "Content-Type: application/json" in error["message"]
+    for ok in ("application/json", "application/json; charset=utf-8", "Application/JSON;charset=UTF-8"):
+        r = httpx.post(server.url + "/v1/chat/completions", content=HI, headers={**AUTH, "Content-Type": ok})
+        assert r.status_code == 200, (ok, r.text)
+
+
+def test_the_host_header_must_name_this_server(server):
+    """DNS rebinding: a page on evil.example whose name now points at 127.0.0.1 reaches the server with its own
+    name in Host. Only the bound address and the loopback names are served, with or without the port."""
+    port = server.url.rsplit(":", 1)[1]
+    for host in ("127.0.0.1", f"127.0.0.1:{port}", "localhost", f"LocalHost:{port}", "[::1]", "[::1]:8000"):
+        assert httpx.get(server.url + "/health", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example", f"evil.example:{port}", "localhost.evil.example", "127.0.0.1.nip.io:80",
+                 "[::2]:8000"):
+        for method, path in (("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
+            r = httpx.request(method, server.url + path, content=HI,
+                              headers={**AUTH, "Host": host, "Content-Type": "application/json"})
+            assert r.status_code == 400, (host, path, r.text)
+            error = r.json()["error"]
+            assert error["code"] == "invalid_host" and "--serve.allowed_hosts" in error["message"]
+            assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_allowed_hosts_opens_the_server_to_named_hosts(engine):
+    from fastapi.testclient import TestClient
+
+    def status(serve: ServeArgs, host: str) -> int:
+        with TestClient(create_app(engine, serve, GEN), base_url=f"http://{host}") as http:
+            return http.get("/health").status_code
+
+    wide = ServeArgs(host="0.0.0.0")  # binding every address alone does not open it to every name
+    assert status(wide, "0.0.0.0:8000") == 200 and status(wide, "localhost") == 200
+    assert status(wide, "192.168.1.20:8000") == 400 and status(wide, "med.example.org") == 400
+    named = replace(wide, allowed_hosts=["med.example.org", "192.168.1.20"])
+    assert status(named, "med.example.org") == 200 and status(named, "MED.example.org:443") == 200
+    assert status(named, "192.168.1.20:8000") == 200 and status(named, "localhost") == 200
+    assert status(named, "other.example.org") == 400
+    assert status(replace(wide, allowed_hosts=["*"]), "anything.example") == 200
+    assert status(ServeArgs(host="10.0.0.5"), "10.0.0.5:8000") == 200  # the bound address itself
+    assert status(ServeArgs(host="::1"), "[::1]:8000") == 200
+
+
+def test_a_full_queue_says_when_to_retry(server, monkeypatch):
+    monkeypatch.setattr(server.app.state.batcher, "waiting", lambda: SERVE.max_queue)
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        r = httpx.post(server.url + path, headers=AUTH, json={"messages": user("hi"), "prompt": "hi"})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "server_busy"
+        assert int(r.headers["retry-after"]) >= 1
+
+
+@contextlib.contextmanager
+def server_log():
+    """Every log record of the server (uvicorn's, ours, asyncio's), formatted as a log file would show it."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: lines.append(logging.Formatter().format(record))
+    loggers = [logging.getLogger(name) for name in ("", "uvicorn")]  # the others propagate to one of these
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+
+
+def hang_up_mid_body(url: str, key: str) -> None:
+    """POST to `url`'s /v1/completions announcing 1000 bytes, send 14, and close the connection."""
+    host, port = url[len("http://"):].split("/")[0].split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n".encode() + b'{"prompt": "ab')
+
+
+def test_a_client_that_hangs_up_mid_body_leaves_no_traceback(server, client):
+    with server_log() as lines:
+        for _ in range(2):
+            hang_up_mid_body(server.url, KEY)
+        deadline = time.monotonic() + 10  # the request log's line says the server is done with both
+        while sum("POST /v1/completions" in line for line in lines) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert client.completions.create(model=NAME, prompt="hi", max_tokens=2).choices  # still serving
+    assert sum("POST /v1/completions" in line for line in lines) == 3, lines
+    assert not any("Traceback" in line or "Exception" in line for line in lines), "\n".join(lines)
+
+
+LONE = '"\\ud800 hi"'  # the JSON escape of half a surrogate pair: valid JSON, not a valid Unicode string
+OK_BODY = (b'{"messages": [{"role": "user", "content": "hi \\ud83d\\ude00"}], "prompt": "\\ud83d\\ude00", '
+           b'"max_tokens": 2, "x": [[[[{"a": [1]}]]]]}')  # a whole pair (an emoji) and a little nesting
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", '{"prompt": %s}' % LONE),
+    ("/v1/completions", '{"prompt": ["\\udfff"]}'),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": %s}]}' % LONE),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": %s}]}]}' % LONE),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "stop": [%s]}' % LONE),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], %s: 1}' % LONE),
+    ("/v1/completions", '{"prompt": "hi", "x": %s}' % ("[" * 100_000 + "]" * 100_000)),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "x": %s}' % ("[" * 900 + "]" * 900)),
+    ("/v1/chat/completions", "[" * 100_000 + "]" * 100_000),
+    ("/v1/completions", '{"prompt": "hi", "x": %s}' % ('{"a": ' * 50_000 + "1" + "}" * 50_000)),
+], ids=["prompt", "prompt-list", "content", "content-part", "stop", "key", "arrays-100000", "arrays-900",
+        "top-level", "objects-50000"])
+def test_lone_surrogates_and_deep_nesting_are_400s(engine, path, body):
+    """Neither may reach the tokenizer, the log or a recursive walk: a 400 naming the problem, never a 500. The
+    test client raises any exception the app lets through, so a traceback fails the test."""
+    from fastapi.testclient import TestClient
+
+    serve = replace(SERVE, max_body_bytes=1 << 20, log_bodies=True)  # log_bodies walks the body (scrubbed)
+    with TestClient(create_app(engine, serve, GEN), base_url="http://localhost") as http:
+        r = http.post(path, content=body.encode(), headers={**AUTH, "Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        message = r.json()["error"]["message"]
+        assert "surrogate" in message or "nested" in message, message
+        ok = http.post(path, content=OK_BODY, headers={**AUTH, "Content-Type": "application/json"})
+        assert ok.status_code == 200, ok.text
 
 
 # ------------------------------------------------------------------------------------- concurrency
@@ -513,7 +652,7 @@ def test_logged_bodies_and_answers_are_scrubbed(engine, caplog, monkeypatch, scr
     caplog.set_level(logging.INFO, logger="medgpt.serve")
     app = create_app(engine, replace(SERVE, api_key=None, log_bodies=True, scrub_logs=scrub), GEN)
     question = f"我的电话是{phone}，身份证号{id_number}，最近头痛怎么办？"
-    with TestClient(app) as http:
+    with TestClient(app, base_url="http://localhost") as http:  # the test client's own "testserver" is refused
         r = http.post("/v1/chat/completions", json={"messages": user(question), "max_tokens": 6})
     assert r.status_code == 200 and callback in r.json()["choices"][0]["message"]["content"]  # the client's copy
     body = next(m for m in caplog.messages if m.startswith("body /v1/chat/completions"))
@@ -552,11 +691,14 @@ def test_cli_serves_with_the_key_from_the_environment(tiny_llama):
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
         assert r.model == name and r.usage.completion_tokens <= 5
+        hang_up_mid_body(url, "env-key")
+        assert client.chat.completions.create(model=name, messages=user("hi"), max_tokens=2).choices
     finally:
         proc.send_signal(2)  # SIGINT, as Ctrl+C
         out = proc.communicate(timeout=30)[0]
     assert proc.returncode == 0, out
     assert re.search(r"POST /v1/chat/completions 200 prompt_tokens=\d+", out) and "PATIENT" not in out
+    assert "POST /v1/completions 499" in out and "Traceback" not in out, out
 
 
 def test_run_errors_are_clear(tmp_path):

@@ -18,8 +18,8 @@ import pytest
 
 from medgpt.args import GenArgs, ModelArgs
 from medgpt.rag.answer import KnowledgeArgs, fit_augment
-from medgpt.serve.webui import (DISCLAIMER, SOURCES_TITLE, Config, WebUIArgs, build_ui, fit_context, launch,
-                                parse_auth, stream_reply, to_messages)
+from medgpt.serve.webui import (DISCLAIMER, LOGIN_CLIENT, SOURCES_TITLE, Config, LoginGuard, WebUIArgs, build_ui,
+                                fit_context, launch, parse_auth, stream_reply, to_messages)
 from medgpt.utils import MedGPTError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,6 +199,53 @@ def test_parse_auth():
     for bad in ("doc", "doc:", ":pw"):
         with pytest.raises(MedGPTError, match="user:password"):
             parse_auth(bad)
+
+
+def test_login_guard_locks_out_a_client_after_repeated_failures(capsys):
+    now = [1000.0]
+    guard = LoginGuard("doctor", "s3cret", max_failures=3, lockout_s=60, clock=lambda: now[0])
+
+    def login(client: str, user: str = "doctor", password: str = "wrong") -> bool:
+        token = LOGIN_CLIENT.set(client)
+        try:
+            return guard(user, password)
+        finally:
+            LOGIN_CLIENT.reset(token)
+
+    assert not login("10.0.0.1") and not login("10.0.0.1", "nurse", "s3cret")  # wrong password, wrong user
+    assert login("10.0.0.1", password="s3cret")  # two failures: still allowed, and the count starts over
+    assert not login("10.0.0.1") and not login("10.0.0.1") and "".join(capsys.readouterr()) == ""
+    now[0] += 61  # those two fell out of the window
+    assert not login("10.0.0.1") and not login("10.0.0.1") and not login("10.0.0.1")  # three in a row: locked
+    assert "3 failed logins from 10.0.0.1; refusing it for 60 s" in capsys.readouterr().out
+    assert not login("10.0.0.1", password="s3cret")  # refused, right password or not
+    assert login("10.0.0.2", password="s3cret")  # another address is not affected
+    now[0] += 59
+    assert not login("10.0.0.1", password="s3cret")
+    now[0] += 2
+    assert login("10.0.0.1", password="s3cret")  # the lockout is over
+    free = LoginGuard("doctor", "s3cret", max_failures=0)  # 0: no limit
+    assert not any(free("doctor", "wrong") for _ in range(20)) and free("doctor", "s3cret")
+    assert free("doctor", "s3cre") is False and free("doctor", "s3cret!") is False and free("", "") is False
+
+
+def test_login_attempts_are_limited_per_client_over_http(serve, monkeypatch):
+    """The guard sits behind Gradio's real /login route, which only sees the address through remember_client."""
+    import httpx
+
+    monkeypatch.setenv("MEDGPT_WEBUI_AUTH", "doctor:s3cret-pass")
+    url = serve(Config(gen=GREEDY, webui=WebUIArgs(max_login_failures=3)))
+
+    def login(password: str, source: str = "127.0.0.1") -> httpx.Response:
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=source)) as http:  # the client's address
+            return http.post(url + "login", data={"username": "doctor", "password": password})
+
+    assert login("s3cret-pass").status_code == 200 and login("wrong").status_code == 400
+    assert login("s3cret-pass").status_code == 200  # a right login clears the count
+    assert [login("wrong").status_code for _ in range(3)] == [400] * 3
+    refused = login("s3cret-pass")  # locked out: the right password no longer lets it in
+    assert refused.status_code == 400 and not refused.cookies
+    assert login("s3cret-pass", source="127.0.0.2").status_code == 200  # another address (loopback is 127/8)
 
 
 def test_run_without_a_model_is_a_clear_error(capsys):

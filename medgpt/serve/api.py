@@ -19,7 +19,9 @@ request sends `"knowledge": false` to skip it; /v1/completions is never augmente
 `--serve.engine vllm` hands a merged model to vLLM's own OpenAI server instead (medgpt/serve/vllm.py).
 
 Safe defaults: binds 127.0.0.1; an API key (--serve.api_key or MEDGPT_API_KEY) is compared in constant time;
-request size, prompt length, max_tokens and the queue are bounded; errors are OpenAI-shaped JSON and a server
+other sites' pages are kept out (POSTs must be application/json, and the Host header must name this server, against
+DNS rebinding: --serve.allowed_hosts adds names); request size, nesting, prompt length, max_tokens and the queue are
+bounded (a full queue answers 429 with Retry-After); errors are OpenAI-shaped JSON and a server
 error never shows a traceback to the client; the request log has token counts and latency, never message text
 (unless --serve.log_bodies, and even then personal identifiers are scrubbed unless --serve.scrub_logs false).
 """
@@ -47,25 +49,32 @@ from medgpt.serve.schema import (APIError, bad, budget, chunk, completion, engin
 from medgpt.utils import MedGPTError, log
 
 KEY_ENV = "MEDGPT_API_KEY"
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+RETRY_AFTER_S = "1"  # a full queue drains in about one batch's time
 logger = logging.getLogger("medgpt.serve")
 
 
 @dataclass
 class ServeArgs:
     host: str = arg("127.0.0.1", "Address to bind. 0.0.0.0 exposes the API to your network: set api_key then.")
-    port: int = arg(8000, "Port to listen on (0: any free port; the address is printed at start).")
+    port: int = arg(8000, "Port to listen on (0: any free port; the address is printed at start).", min=0, max=65535)
     api_key: Optional[str] = arg(None, f"Key clients must send as `Authorization: Bearer KEY` (also read from "
                                  f"${KEY_ENV}, which keeps it out of your shell history). None: no key needed.")
+    allowed_hosts: list[str] = arg(factory=list, help="More names clients may reach the server under, as the Host "
+                                   "header gives them (e.g. med.example.org,192.168.1.20), or * for any. Always "
+                                   "allowed: the host bound, localhost, 127.0.0.1 and ::1. Other names are refused "
+                                   "(400), against DNS rebinding, also with host 0.0.0.0.")
     engine: Literal["hf", "vllm"] = arg("hf", "hf: this server on the MedGPT engine (CPU or one GPU, batched). "
                                         "vllm: run vLLM's OpenAI server on a merged model (GPU, much faster).")
     model_name: Optional[str] = arg(None, "Model id shown in /v1/models and expected in requests "
                                     "(default: the model directory's name, or the adapter's when one is given).")
-    max_prompt_tokens: int = arg(4096, "Longest prompt accepted, in tokens (the model's context also limits it).")
-    max_tokens: int = arg(2048, "Largest max_tokens a request may ask for.")
-    max_body_bytes: int = arg(1 << 20, "Largest request body in bytes; bigger ones get 413.")
-    max_batch_size: int = arg(8, "Most requests generated together in one batch (1: no batching).")
-    batch_wait_ms: float = arg(5.0, "How long a new batch waits for more requests to join it, in milliseconds.")
-    max_queue: int = arg(256, "Most requests waiting for the model; more get 429 (retry later).")
+    max_prompt_tokens: int = arg(4096, "Longest prompt accepted, in tokens (the model's context also limits it).",
+                                 min=1)
+    max_tokens: int = arg(2048, "Largest max_tokens a request may ask for.", min=1)
+    max_body_bytes: int = arg(1 << 20, "Largest request body in bytes; bigger ones get 413.", min=1)
+    max_batch_size: int = arg(8, "Most requests generated together in one batch (1: no batching).", min=1)
+    batch_wait_ms: float = arg(5.0, "How long a new batch waits for more requests to join it, in milliseconds.", min=0)
+    max_queue: int = arg(256, "Most requests waiting for the model; more get 429 (retry later).", min=1)
     log_requests: bool = arg(True, "Log one line per request: method, path, status, token counts, latency.")
     log_bodies: bool = arg(False, "Also log request bodies and answers. They hold patients' questions: "
                            "debugging only.")
@@ -139,7 +148,7 @@ def create_app(engine, serve: ServeArgs, gen: Optional[GenArgs] = None, index=No
     app.state.batcher = batcher
 
     async def api_error(request, e: APIError):
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        headers = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": RETRY_AFTER_S}}.get(e.status)
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     async def http_error(request, e: HTTPException):
@@ -154,7 +163,8 @@ def create_app(engine, serve: ServeArgs, gen: Optional[GenArgs] = None, index=No
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, crash)
-    if serve.log_requests:
+    app.add_middleware(host_check, allowed=allowed_hosts(serve))
+    if serve.log_requests:  # added last, so it runs first and logs the requests host_check refuses too
         app.add_middleware(request_log)
 
     def authorize(request: Request) -> None:
@@ -313,6 +323,39 @@ async def wait_for_result(request, job: Job):
             raise engine_error(payload)
 
 
+def host_name(header: str) -> str:
+    """The name in a Host header, lowercased, without its port, IPv6 brackets or a trailing dot:
+    `[::1]:8000` -> `::1`, `LocalHost:8000` -> `localhost`."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return (header.rpartition(":")[0] if header.count(":") == 1 else header).rstrip(".")
+
+
+def allowed_hosts(serve: ServeArgs) -> Optional[set[str]]:
+    """The names the server answers to (see ServeArgs.allowed_hosts); None: any."""
+    extra = {host_name(h) for h in serve.allowed_hosts}
+    return None if "*" in extra else {host_name(serve.host), *LOOPBACK, *extra}
+
+
+def host_check(app, allowed: Optional[set[str]]):
+    """ASGI middleware against DNS rebinding: a page on evil.example whose DNS name is switched to 127.0.0.1 would
+    be same-origin with this server, but its requests still carry `Host: evil.example`. Those get a 400."""
+    from fastapi.responses import JSONResponse
+
+    async def middleware(scope, receive, send):
+        if scope["type"] == "http" and allowed is not None:
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+            if host_name(host) not in allowed:
+                error = APIError(400, f"This server does not answer to the host {json.dumps(host[:100])}. Reach it "
+                                      f"as {' or '.join(sorted(allowed))}, or start it with --serve.allowed_hosts "
+                                      f"naming the host.", code="invalid_host")
+                return await JSONResponse(error.body(), status_code=400)(scope, receive, send)
+        await app(scope, receive, send)
+
+    return middleware
+
+
 def request_log(app):
     """ASGI middleware: one line per request when its response ends (streams included), never any text:
     `POST /v1/chat/completions 200 prompt_tokens=12 completion_tokens=40 latency_ms=85`."""
@@ -391,9 +434,12 @@ def run(cfg: Config) -> int:
         logger.addHandler(handler)
         logger.propagate = False
     open_ = not (serve.api_key or os.environ.get(KEY_ENV))
-    if open_ and serve.host not in ("127.0.0.1", "localhost", "::1"):
+    if open_ and serve.host not in LOOPBACK:
         log(f"warning: serving on {serve.host} without an API key: anyone who can reach this port can use the "
             f"model. Set --serve.api_key or ${KEY_ENV}.")
+    if serve.host not in LOOPBACK and not serve.allowed_hosts:
+        log(f"note: only requests addressed to {serve.host} or a loopback name are answered; list the names "
+            f"clients use for this machine with --serve.allowed_hosts (its address or DNS name, or * for any).")
     if serve.log_bodies:
         log("warning: --serve.log_bodies is on: request and answer text goes to the log"
             + (" (personal identifiers scrubbed)." if serve.scrub_logs else ", personal identifiers included."))

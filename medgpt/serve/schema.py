@@ -135,27 +135,63 @@ def to_messages(value) -> list[dict]:
     return out
 
 
+MAX_DEPTH = 64  # OpenAI request bodies nest about 6 levels deep; far deeper only aims at recursive code
+
+
 async def read_json(request, limit: int) -> dict:
-    """The request's JSON object, refusing bodies over `limit` bytes before reading them whole."""
+    """The request's JSON object, refusing bodies over `limit` bytes before reading them whole.
+
+    Only `Content-Type: application/json` is read: a web page can POST text/plain or a form to a server on
+    localhost from another site without a CORS preflight, but not JSON, so this keeps other sites' pages out."""
+    from starlette.requests import ClientDisconnect
+
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(415, f"Send the body as JSON, with the header `Content-Type: application/json` (got "
+                            f"{json.dumps(media_type[:60]) if media_type else 'none'}).", code="unsupported_media_type")
     declared = request.headers.get("content-length", "")
     too_big = ("The request body is {} bytes; this server accepts at most {} (--serve.max_body_bytes). "
                "Send a shorter prompt.")
     if declared.isdigit() and int(declared) > limit:
         raise APIError(413, too_big.format(int(declared), limit), code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, too_big.format(f"more than {limit}", limit), code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, too_big.format(f"more than {limit}", limit), code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone mid-body: nobody reads the answer, but the request log says what happened
+        raise APIError(499, "The client closed the connection before sending the whole body.") from None
     try:
         body = json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as e:
         raise bad(f"The request body is not valid JSON ({e}).") from None
+    except RecursionError:
+        raise bad(f"The request body is nested too deeply (at most {MAX_DEPTH} levels).") from None
     if not isinstance(body, dict):
         raise bad("The request body must be a JSON object.")
+    check_tree(body)
     return body
 
+
+def check_tree(body: dict) -> None:
+    """A 400 for JSON nested deeper than MAX_DEPTH (recursive code, such as the log's scrubber, would crash on
+    it) or holding a lone surrogate: the escape "\\ud800" without its pair parses, but is no Unicode text that a
+    tokenizer or a log could encode. Walked with a stack, so the check itself cannot recurse too deeply."""
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise bad(f"The request body is nested too deeply (at most {MAX_DEPTH} levels).")
+            stack.extend((v, depth + 1) for v in ([*value, *value.values()] if isinstance(value, dict) else value))
+        elif isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad("The request body holds a lone surrogate (a \\ud800-\\udfff escape without its pair): "
+                          "not valid Unicode text.") from None
 
 
 # ------------------------------------------------------------------------------------------ responses

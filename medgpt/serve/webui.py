@@ -13,15 +13,20 @@ itself keeps the question as typed, and the sources note is never sent back to t
 `--webui.log_chats` writes each question and answer to stderr for audits, scrubbed of personal identifiers.
 
 Safe defaults: it binds 127.0.0.1, Gradio's analytics and share links are off (nothing leaves the machine), an
-optional `user:password` (--webui.auth or MEDGPT_WEBUI_AUTH) puts a login page in front, and the queue runs one
-answer at a time with a bounded number of waiting requests.
+optional `user:password` (--webui.auth or MEDGPT_WEBUI_AUTH) puts a login page in front, where one client address
+gets --webui.max_login_failures wrong tries before a lockout (LoginGuard), and the queue runs one answer at a time
+with a bounded number of waiting requests.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import sys
+import threading
+import time
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional
 
@@ -44,16 +49,21 @@ DISCLAIMER = (
 @dataclass
 class WebUIArgs:
     host: str = arg("127.0.0.1", "Address to bind. 0.0.0.0 exposes the page to your network: set auth then.")
-    port: int = arg(7860, "Port to listen on.")
+    port: int = arg(7860, "Port to listen on.", min=1, max=65535)
     auth: Optional[str] = arg(None, f"`user:password` for a login page (also read from ${AUTH_ENV}, which "
                               "keeps the password out of your shell history).")
+    max_login_failures: int = arg(5, "With auth: wrong logins from one client address within login_lockout_s "
+                                  "seconds before that address is refused for login_lockout_s seconds, right "
+                                  "password or not (0: no limit).", min=0)
+    login_lockout_s: float = arg(300.0, "With auth: the window the failures are counted in, and how long a client "
+                                 "that reached max_login_failures is refused.", above=0)
     share: bool = arg(False, "Ask Gradio for a public *.gradio.live link (needs internet; sends traffic through "
                       "Gradio's servers). Off by default.")
     title: str = arg("MedGPT", "Page title.")
     system: str = arg("You are a careful medical assistant. Answer clearly, say when you are unsure, and advise "
                       "seeing a doctor when symptoms are serious.", "Default system prompt (editable on the page).")
-    max_input_chars: int = arg(4000, "Longest message a user may send, in characters.")
-    max_queue: int = arg(16, "Most requests waiting for the model at once; more are refused with 'queue full'.")
+    max_input_chars: int = arg(4000, "Longest message a user may send, in characters.", min=1)
+    max_queue: int = arg(16, "Most requests waiting for the model at once; more are refused with 'queue full'.", min=1)
     log_chats: bool = arg(False, "Log each question and answer to stderr (for audits); scrubbed of personal "
                           "identifiers unless --webui.scrub_logs false.")
     scrub_logs: bool = arg(True, "With log_chats: replace personal identifiers (ID, phone, medical record and card "
@@ -246,18 +256,74 @@ def parse_auth(value: Optional[str]) -> Optional[tuple[str, str]]:
     return user, password
 
 
+LOGIN_CLIENT: ContextVar[str] = ContextVar("medgpt_login_client", default="")  # the address of this request
+
+
+def remember_client(app):
+    """ASGI middleware: the client's address in LOGIN_CLIENT, for LoginGuard (Gradio passes the auth callable
+    only the user name and password). Each request runs in its own task, so the value stays with it."""
+    async def middleware(scope, receive, send):
+        if scope["type"] == "http":
+            LOGIN_CLIENT.set((scope.get("client") or ("",))[0])
+        await app(scope, receive, send)
+
+    return middleware
+
+
+class LoginGuard:
+    """Gradio's auth callable: one user and password, compared in constant time, and a brake on guessing. After
+    `max_failures` wrong logins from one client address within `lockout_s` seconds, that address is refused for
+    `lockout_s` seconds, right password or not (else a guesser would learn when it found it). A right login
+    clears the address's count; max_failures 0 turns the brake off. Behind a proxy every client shares its address."""
+
+    def __init__(self, user: str, password: str, max_failures: int = 5, lockout_s: float = 300.0,
+                 clock=time.monotonic):
+        self.user, self.password = user.encode(), password.encode()
+        self.max_failures, self.lockout_s, self.clock = max_failures, lockout_s, clock
+        self.failures: dict[str, list[float]] = {}  # address -> times of its recent wrong logins
+        self.locked: dict[str, float] = {}  # address -> when it may try again
+        self.lock = threading.Lock()
+
+    def __call__(self, username: str, password: str) -> bool:
+        client, now = LOGIN_CLIENT.get(), self.clock()
+        with self.lock:
+            if self.locked.get(client, now) > now:
+                return False
+            self.locked.pop(client, None)
+            right = hmac.compare_digest(username.encode(), self.user)
+            right &= hmac.compare_digest(password.encode(), self.password)  # both run: the time says nothing
+            if right:
+                self.failures.pop(client, None)
+                return True
+            recent = [t for t in self.failures.get(client, ()) if now - t < self.lockout_s] + [now]
+            self.failures[client] = recent
+            if self.max_failures and len(recent) >= self.max_failures:
+                self.locked[client] = now + self.lockout_s
+                del self.failures[client]
+                log(f"webui: {len(recent)} failed logins from {client or 'a client'}; refusing it for "
+                    f"{self.lockout_s:g} s")
+            if len(self.failures) + len(self.locked) > 10_000:  # many addresses: forget those with nothing recent
+                self.failures = {c: ts for c, ts in self.failures.items() if now - ts[-1] < self.lockout_s}
+                self.locked = {c: t for c, t in self.locked.items() if t > now}
+            return False
+
+
 def launch(ui, web: WebUIArgs, block: bool = True):
-    """Serve the page (Gradio compares passwords in constant time). block=False returns once it is up."""
+    """Serve the page, behind a LoginGuard when there is a user:password. block=False returns once it is up."""
+    from starlette.middleware import Middleware
+
     auth = parse_auth(web.auth or os.environ.get(AUTH_ENV))
+    guard = LoginGuard(*auth, web.max_login_failures, web.login_lockout_s) if auth else None
     if web.host not in ("127.0.0.1", "localhost", "::1") and auth is None:
         log(f"warning: serving on {web.host} without a login: anyone who can reach this port can use the model. "
             f"Set --webui.auth user:password (or ${AUTH_ENV}).")
     ui.queue(max_size=web.max_queue, default_concurrency_limit=1)  # one answer at a time: the engine holds a lock
     try:
         # run_history off: Gradio would keep every question (health data) in the browser, with an upload option.
-        return ui.launch(server_name=web.host, server_port=web.port, auth=auth, share=web.share, ssr_mode=False,
+        return ui.launch(server_name=web.host, server_port=web.port, auth=guard, share=web.share, ssr_mode=False,
                          run_history=False, footer_links=["settings"], auth_message="MedGPT — sign in / 请登录",
-                         prevent_thread_lock=not block, quiet=True)
+                         prevent_thread_lock=not block, quiet=True,
+                         app_kwargs={"middleware": [Middleware(remember_client)]})
     except OSError as e:
         raise MedGPTError(f"cannot serve on {web.host}:{web.port} ({e}). Is another server using the port? "
                           f"Choose another with --webui.port.") from None
