@@ -325,7 +325,7 @@ def test_load_errors(tmp_path, monkeypatch):
                 Index.load(tmp_path / "idx")
     (tmp_path / "notindex").mkdir()
     (tmp_path / "notindex" / "thesis.txt").write_text("mine", encoding="utf-8")
-    with pytest.raises(MedGPTError, match="not a medgpt index"):
+    with pytest.raises(MedGPTError, match="not a medgpt knowledge-base index"):
         built.save(tmp_path / "notindex")
     assert (tmp_path / "notindex" / "thesis.txt").exists()
 
@@ -339,7 +339,7 @@ def test_reindex_reuses_unchanged_documents(tmp_path, capsys, monkeypatch):
 
     read = []
     real = load_document
-    monkeypatch.setattr("medgpt.rag.index.load_document", lambda p: read.append(p) or real(p))
+    monkeypatch.setattr("medgpt.rag.index.load_document", lambda p, *a: read.append(p) or real(p, *a))
     assert main(["rag", "index", str(docs), "--rag.index_dir", idx]) == 0
     assert "up to date: 3 documents unchanged" in capsys.readouterr().out
     assert read == [] and (tmp_path / "idx" / "chunks.jsonl").stat().st_mtime_ns == before
@@ -347,7 +347,7 @@ def test_reindex_reuses_unchanged_documents(tmp_path, capsys, monkeypatch):
     (docs / "asthma.txt").write_text("Asthma narrows the airways.\nSpacers help children.\n", encoding="utf-8")
     (docs / "zh.md").unlink()
     assert main(["rag", "index", str(docs), "--rag.index_dir", idx]) == 0
-    assert "(1 read, 1 unchanged, 1 removed, 0 empty)" in capsys.readouterr().out
+    assert "(1 read, 1 unchanged, 1 removed, 0 empty, 0 unreadable)" in capsys.readouterr().out
     assert read == [str(docs / "asthma.txt")]
     index = Index.load(idx)
     assert Path(index.search("spacers children", 1)[0].source).name == "asthma.txt"

@@ -116,7 +116,7 @@ class KnowledgeArgs:
     """`--rag.*` of `medgpt serve` and `medgpt webui`: answer chat messages from a knowledge-base index."""
     index_dir: Optional[str] = arg(None, "A `medgpt rag index` dir: answer chat requests from its passages with "
                                    "numbered citations. None: off.")
-    top_k: int = arg(4, "Passages put into each prompt (fewer when they do not fit the model's context).")
+    top_k: int = arg(4, "Passages put into each prompt (fewer when they do not fit the model's context).", min=1)
     mode: Literal["hybrid", "bm25", "dense"] = arg(
         "hybrid", "hybrid: BM25 + dense fused by reciprocal rank (BM25 alone when the index has no embeddings).")
 

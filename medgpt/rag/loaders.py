@@ -13,13 +13,14 @@ One reader per file type:
   "line" is the page number.
 - .docx (python-docx): paragraphs (and table rows) in document order; the "line" is the paragraph number, and
   Heading/Title paragraphs form the heading path.
-Text files are decoded like every medgpt data file (UTF-8, UTF-8 with BOM, or GB18030), strictly: an undecodable
-file is an error naming the line, not mojibake in the index.
+Text files are decoded like every medgpt data file (UTF-8, UTF-8 with BOM, or GB18030; `--rag.encoding` names
+another), strictly: an undecodable file is an error naming the line, not mojibake in the index.
 """
 
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
 from pathlib import Path
@@ -31,6 +32,7 @@ DOC_TYPES = (".txt", ".md", ".markdown", ".jsonl", ".json", ".pdf", ".docx")
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 _RULE = re.compile(r"^\s*(?:```.*|~~~.*|[-*_=]{3,}|\|?[\s:|-]*-{3,}[\s:|-]*\|?)\s*$")  # fences, rules, table rules
 _INSTALL = "pip install 'medgpt[rag]'"
+_ENCODING_HINT = "re-save the file as UTF-8, or set --rag.encoding (e.g. gbk, gb18030, big5, latin-1)"
 
 
 def find_documents(specs: list[str]) -> list[str]:
@@ -70,30 +72,40 @@ def find_documents(specs: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def load_document(path: str) -> list[Segment]:
-    """The segments of one file (empty when the file has no text); MedGPTError when it cannot be read."""
+def load_document(path: str, encoding: str = "auto") -> list[Segment]:
+    """The segments of one file (empty when the file has no text); MedGPTError when it cannot be read.
+
+    `encoding` applies to text files (.txt .md .jsonl .json): auto, or a codec name such as gbk or latin-1."""
     ext = Path(path).suffix.lower()
     if ext == ".pdf":
         return _pdf(path)
     if ext == ".docx":
         return _docx(path)
     if ext in (".jsonl", ".json"):
-        return _records(path)
-    text = read_text(path)
+        return _records(path, encoding)
+    text = read_text(path, encoding)
     return _markdown(text) if ext in (".md", ".markdown") else _plain(text)
 
 
-def read_text(path: str) -> str:
-    """A text file decoded strictly as UTF-8 (BOM or not) or GB18030, whichever it is."""
+def _rag_hint(message: str) -> str:
+    """The shared readers suggest --data.encoding, which `medgpt rag index` spells --rag.encoding."""
+    return message.replace("--data.encoding", "--rag.encoding")
+
+
+def read_text(path: str, encoding: str = "auto") -> str:
+    """A text file decoded strictly: as UTF-8 (BOM or not) or GB18030, whichever it is, or as `encoding`."""
     from medgpt.data.readers import detect_encoding
 
-    encoding = detect_encoding(path)  # raises with file:line for bytes that decode as neither
+    try:  # raises with file:line for bytes that decode as neither
+        encoding = detect_encoding(path) if encoding == "auto" else encoding
+    except MedGPTError as e:
+        raise MedGPTError(_rag_hint(str(e))) from None
     data = Path(path).read_bytes()
     try:
-        return data.decode(encoding)
-    except UnicodeDecodeError as e:  # past the detection sample
+        return data.decode(encoding).removeprefix("\ufeff")
+    except UnicodeDecodeError as e:  # past the detection sample, or not in the encoding the user named
         line = data.count(b"\n", 0, e.start) + 1
-        raise MedGPTError(f"{path}:{line}: undecodable bytes as {encoding}. Re-save the file as UTF-8.") from None
+        raise MedGPTError(f"{path}:{line}: undecodable bytes as {encoding}; {_ENCODING_HINT}.") from None
 
 
 def _plain(text: str) -> list[Segment]:
@@ -141,14 +153,14 @@ def record_text(obj: dict) -> str:
     return "\n".join(parts)
 
 
-def _records(path: str) -> list[Segment]:
+def _records(path: str, encoding: str = "auto") -> list[Segment]:
     from medgpt.data.formats import RecordError
     from medgpt.data.readers import iter_raw
 
     out = []
-    for i, raw in enumerate(iter_raw(path)):
+    for i, raw in enumerate(iter_raw(path, encoding)):
         if raw.error is not None:
-            raise MedGPTError(f"{raw.file}:{raw.line}: {raw.error}. Fix the record, or run "
+            raise MedGPTError(f"{raw.file}:{raw.line}: {_rag_hint(raw.error)}. Fix the record, or run "
                               f"`medgpt data validate {path}` to list every problem.")
         try:
             text = record_text(raw.obj)
@@ -196,6 +208,7 @@ def _pdf(path: str) -> list[Segment]:
         from pypdf import PdfReader
     except ImportError:
         raise MedGPTError(f"reading {path} needs pypdf: {_INSTALL}") from None
+    logging.getLogger("pypdf").setLevel(logging.ERROR)  # its warnings repeat the error below, or are noise
     try:
         reader = PdfReader(path)
         if reader.is_encrypted:
