@@ -60,3 +60,59 @@ def test_tokenizer_train_refuses_non_empty_output(tmp_path, capsys):
                  str(tmp_path)]) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "x"
+
+
+# ----------------------------------------------------------------------------- validate and convert on hostile data
+
+def _cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "medgpt.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+
+
+def test_validate_reports_medicalgpt_reward_file_as_preference(capsys):
+    assert main(["data", "validate", str(FIX / "medicalgpt_reward.jsonl")]) == 0
+    assert f"{FIX / 'medicalgpt_reward.jsonl'}: preference, 6 records, 0 errors" in capsys.readouterr().out
+
+
+def test_validate_refuses_a_named_pipe_without_opening_it(tmp_path):
+    import os
+
+    (tmp_path / "ok.jsonl").write_text('{"text": "a"}\n')
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    r = _cli("data", "validate", str(tmp_path))  # in a subprocess: a regression would block, not pass
+    assert r.returncode == 1, r.stderr
+    assert f"{tmp_path / 'pipe.jsonl'}: not a regular file (a named pipe, socket or device)" in r.stdout
+
+
+HOSTILE = ['{"question": "\\ud800 pain?", "answer": "a"}', '{"question": ' + "[" * 100_000 + "]" * 100_000 + "}"]
+
+
+def test_validate_and_convert_report_surrogates_and_deep_nesting_by_line(tmp_path):
+    src = tmp_path / "x.jsonl"
+    src.write_text('{"question": "q", "answer": "a"}\n' + "\n".join(HOSTILE) + "\n")
+    r = _cli("data", "validate", str(src))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"{src}:2: lone surrogate \\ud800" in r.stdout and f"{src}:3: JSON nested too deeply" in r.stdout
+    r = _cli("data", "convert", str(src), "--output", str(tmp_path / "out.jsonl"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"{src}:2: lone surrogate" in r.stderr and not (tmp_path / "out.jsonl").exists()
+
+
+def test_convert_into_its_input_dir_never_reads_its_own_output(tmp_path, capsys):
+    import json
+
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n"
+                                               for i in range(200)))
+    out = tmp_path / "all.jsonl"
+    for _ in range(3):
+        assert main(["data", "convert", str(tmp_path), "--output", str(out), "--overwrite"]) == 0
+        assert len(out.read_text().splitlines()) == 200
+    (tmp_path / ".all.jsonl.medgpt-99999.abcdefgh.tmp").write_text(out.read_text())  # a killed run's temp file
+    assert main(["data", "convert", str(tmp_path), "--output", str(out), "--overwrite"]) == 0
+    assert len(out.read_text().splitlines()) == 200
+    assert "not reading" in capsys.readouterr().out
+    assert main(["data", "convert", str(out), "--output", str(out), "--overwrite"]) == 1
+    assert "the only input given is the output file" in capsys.readouterr().err

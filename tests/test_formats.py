@@ -134,6 +134,28 @@ def test_preference_errors():
         "chosen turn 1 is 'user' but only assistant replies may follow the prompt")
 
 
+
+
+def test_preference_medicalgpt_conversations_with_string_replies():
+    """MedicalGPT's data/reward shape: the prompt as ShareGPT turns, chosen/rejected as plain strings."""
+    plain, empty_system, system, multi, system_turn, _ = fixture("medicalgpt_reward.jsonl")
+    assert {detect_format(r) for r in (plain, system, multi)} == {"preference"}
+    out = to_canonical(plain)
+    assert out == {"prompt": [u(plain["conversations"][0]["value"])], "chosen": [a(plain["chosen"])],
+                   "rejected": [a(plain["rejected"])]}
+    assert to_canonical(empty_system)["prompt"][0]["role"] == "user"  # "system": "" means none
+    assert to_canonical(system)["prompt"][0] == {"role": "system", "content": system["system"]}
+    assert [m["role"] for m in to_canonical(multi)["prompt"]] == ["user", "assistant", "user"]
+    assert to_canonical(system_turn)["prompt"][0] == {"role": "system", "content": "You are a careful pharmacist."}
+    # LLaMA-Factory's ranking variant: each reply a single ShareGPT turn
+    turn = {"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "good"},
+            "rejected": {"from": "gpt", "value": "bad"}}
+    assert to_canonical(turn) == {"prompt": [u("q")], "chosen": [a("good")], "rejected": [a("bad")]}
+    ends_with_reply = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "x"}],
+                       "chosen": "c", "rejected": "r"}
+    assert error(ends_with_reply) == "prompt ends with an 'assistant' turn but must end with a 'user' turn"
+    assert error({**plain, "conversations": [{"from": "human", "value": " "}]}) == (
+        "conversations turn 1 ('user') is empty")
 # ----------------------------------------------------------------------------- prompt, mcq, text
 
 def test_prompt_only():

@@ -222,3 +222,58 @@ def test_iter_records_chains_files():
     raws = list(iter_records([str(FIX / "text.jsonl"), str(FIX / "qa.tsv")]))
     assert [(Path(r.file).name, r.line) for r in raws] == [("text.jsonl", 1), ("text.jsonl", 2),
                                                            ("qa.tsv", 2), ("qa.tsv", 3)]
+
+
+# ----------------------------------------------------------------------------- hostile files
+
+def test_json_concatenated_top_level_values_are_all_read(tmp_path):
+    (tmp_path / "two.json").write_text('[{"text": "a"}]\n[{"text": "b"},\n {"text": "c"}]\n')
+    assert objs(tmp_path / "two.json") == [{"text": "a"}, {"text": "b"}, {"text": "c"}]
+    assert lines_of(tmp_path / "two.json") == [(1, None), (2, None), (3, None)]
+    (tmp_path / "pretty.json").write_text('{\n  "text": "a"\n}\n{\n  "text": "b"\n}\n')
+    assert objs(tmp_path / "pretty.json") == [{"text": "a"}, {"text": "b"}]
+    (tmp_path / "mixed.json").write_text('[{"text": "a"}]\n{"text": "b"}')
+    assert objs(tmp_path / "mixed.json") == [{"text": "a"}, {"text": "b"}]
+
+
+def test_json_trailing_garbage_is_a_fatal_error_at_its_line(tmp_path):
+    (tmp_path / "tail.json").write_text('[{"text": "a"}]\n\nnot json')
+    raws = list(iter_raw(str(tmp_path / "tail.json")))
+    assert raws[0].obj == {"text": "a"}
+    assert (raws[1].line, raws[1].fatal) == (3, True)
+    assert raws[1].error.startswith("unexpected text 'not json' after the end of the JSON data")
+    (tmp_path / "broken.json").write_text('[{"text": "a"}]\n[{"text": "b"}')
+    assert lines_of(tmp_path / "broken.json")[-1] == (2, "malformed JSON: expected ',' or ']' (column 15)")
+
+
+def test_named_pipe_is_never_opened(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.jsonl")  # opening it for reading would block until a writer appears
+    (tmp_path / "ok.jsonl").write_text('{"text": "a"}\n')
+    assert expand_paths([str(tmp_path)]) == [str(tmp_path / "ok.jsonl"), str(tmp_path / "pipe.jsonl")]
+    assert expand_paths([str(tmp_path / "pipe.jsonl")]) == [str(tmp_path / "pipe.jsonl")]  # not "not found"
+    with pytest.raises(MedGPTError, match=r"pipe\.jsonl: not a regular file \(a named pipe, socket or device\)"):
+        list(iter_raw(str(tmp_path / "pipe.jsonl")))
+
+
+def test_lone_surrogate_is_a_record_error(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"text": "ok \\ud83d\\ude00"}\n{"text": "bad \\ud800 x"}\n{"text": ["\\udfff"]}\n')
+    raws = list(iter_raw(str(path)))
+    assert raws[0].obj == {"text": "ok \U0001F600"}  # a proper pair is one character
+    assert raws[1].error.startswith("lone surrogate \\ud800 in a string") and not raws[1].fatal
+    assert raws[2].error.startswith("lone surrogate \\udfff")
+    (tmp_path / "s.json").write_text('[{"text": "a"}, {"text": "\\udc00"}]')
+    assert lines_of(tmp_path / "s.json")[1][1].startswith("lone surrogate \\udc00")
+
+
+def test_deep_nesting_is_a_record_error_not_a_recursion_error(tmp_path):
+    from medgpt.data.readers import NESTED
+
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "d.jsonl").write_text(f'{{"text": "a"}}\n{{"text": {deep}}}\n{{"text": "b"}}\n')
+    assert lines_of(tmp_path / "d.jsonl") == [(1, None), (2, NESTED), (3, None)]
+    (tmp_path / "d.json").write_text(f'[{{"text": "a"}},\n {deep}]')
+    [(line, error)] = lines_of(tmp_path / "d.json")
+    assert (line, error) == (2, NESTED)

@@ -231,3 +231,94 @@ def test_unreadable_source_is_one_file_problem(monkeypatch):
     [line] = problems(validate_files(["someone/medical-qa"]))
     assert line.startswith("hf://someone/medical-qa: 'someone/medical-qa' is not a local file or directory")
     assert "offline mode is on" in line
+
+
+# ----------------------------------------------------------------------------- tolerant training loads
+
+CHAT = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]} for i in range(60)]
+EMPTY_TURN = {"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "a"}]}
+
+
+def test_load_tolerant_skips_a_few_invalid_records_naming_them(tmp_path, capsys):
+    from medgpt.data.validate import load_tolerant
+
+    path = write_jsonl(tmp_path / "sft.jsonl", CHAT[:30] + [EMPTY_TURN] + CHAT[31:])
+    records, invalid = load_tolerant([path], "chat", max_invalid=0.05)
+    assert (len(records), invalid) == (59, 1)
+    out = capsys.readouterr().out
+    assert "skipped 1 invalid record of 60 read (1.7%" in out
+    assert f"{path}:31: conversations turn 1 ('user') is empty" in out
+    with pytest.raises(MedGPTError, match=r"^the data has 1 error:"):  # 0: strict, as `load_records` is
+        load_tolerant([path], "chat", max_invalid=0)
+
+
+def test_load_tolerant_lists_ten_then_counts_the_rest(tmp_path, capsys):
+    from medgpt.data.validate import load_tolerant
+
+    path = write_jsonl(tmp_path / "sft.jsonl", CHAT[:48] + [EMPTY_TURN] * 12)
+    load_tolerant([path], "chat", max_invalid=0.25)
+    out = capsys.readouterr().out
+    assert f"{path}:58:" in out and f"{path}:59:" not in out and "... and 2 more" in out
+
+
+def test_load_tolerant_refuses_above_the_threshold(tmp_path):
+    from medgpt.data.validate import load_tolerant
+
+    path = write_jsonl(tmp_path / "sft.jsonl", CHAT[:50] + [EMPTY_TURN] * 10)
+    with pytest.raises(MedGPTError) as e:
+        load_tolerant([path], "chat", max_invalid=0.05)
+    message = str(e.value)
+    assert message.startswith("10 invalid records of 60 read (16.7%), more than --data.max_invalid 0.05 (5%) allows")
+    assert f"  {path}:51: conversations turn 1 ('user') is empty" in message
+    assert "raise --data.max_invalid to 0.17" in message and f"medgpt data validate {path}" in message
+
+
+@pytest.mark.parametrize("tail, needle", [
+    ("[1, ", "malformed JSON"),  # a .json document broken halfway: the rest of the file is lost
+    ("garbage", "unexpected text 'garbage'"),
+])
+def test_load_tolerant_never_skips_a_file_level_problem(tmp_path, tail, needle):
+    from medgpt.data.validate import load_tolerant
+
+    path = tmp_path / "sft.json"
+    path.write_text(json.dumps(CHAT) + "\n" + tail)
+    with pytest.raises(MedGPTError, match=needle):
+        load_tolerant([str(path)], "chat", max_invalid=0.5)
+
+
+def test_load_tolerant_undecodable_file_still_fails(tmp_path):
+    from medgpt.data.validate import load_tolerant
+
+    path = tmp_path / "sft.jsonl"
+    path.write_bytes("".join(json.dumps(r) + "\n" for r in CHAT).encode() + b'{"text": "\xff\xfe"}\n')
+    with pytest.raises(MedGPTError, match=r"sft\.jsonl:61: undecodable byte 0xff"):
+        load_tolerant([str(path)], "chat", max_invalid=0.5)
+
+
+def test_load_splits_counts_invalid_records_of_both_splits(tmp_path):
+    from medgpt.args import DataArgs
+    from medgpt.data.validate import load_splits
+
+    train = write_jsonl(tmp_path / "train.jsonl", CHAT[:30] + [EMPTY_TURN] + CHAT[31:])
+    held = write_jsonl(tmp_path / "eval.jsonl", CHAT[:29] + ['{"conversations": ['])
+    assert DataArgs().max_invalid == 0.05
+    train_records, eval_records, invalid = load_splits(DataArgs(train_files=[train], eval_files=[held]), "chat")
+    assert (len(train_records), len(eval_records), invalid) == (59, 29, 2)
+    with pytest.raises(MedGPTError, match="the data has 1 error"):
+        load_splits(DataArgs(train_files=[train], max_invalid=0), "chat")
+
+
+def test_hostile_records_are_problems_not_crashes(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", QA[:2] + ['{"question": "\\ud800", "answer": "a"}',
+                                                        '{"question": ' + "[" * 100_000 + "]" * 100_000 + "}"])
+    [report] = validate_files([path])
+    assert [p.line for p in report.problems] == [3, 4] and report.n_errors == 2
+    assert report.problems[0].message.startswith("lone surrogate \\ud800")
+    assert report.problems[1].message.startswith("JSON nested too deeply")
+
+
+def test_medicalgpt_reward_file_is_preference():
+    [report] = validate_files([str(FIX / "medicalgpt_reward.jsonl")])
+    assert (report.format, report.count, report.n_errors) == ("preference", 6, 0)
+    assert load_records([str(FIX / "medicalgpt_reward.jsonl")], "preference", purpose="dpo")[2]["prompt"][0] == {
+        "role": "system", "content": "你是一名耐心的全科医生，用通俗的语言回答。"}

@@ -60,6 +60,7 @@ def convert(cfg: ConvertConfig) -> int:
     """Validate, then write canonical JSONL (to a temp file first, renamed when complete)."""
     from pathlib import Path
 
+    from medgpt.data.readers import expand_paths
     from medgpt.data.validate import load_records
 
     if not cfg.output:
@@ -68,7 +69,16 @@ def convert(cfg: ConvertConfig) -> int:
     if out.exists() and not cfg.overwrite:
         raise MedGPTError(f"{out} already exists. Pass --overwrite to replace it, or choose another --output.")
     d = cfg.data
-    records = load_records(_files(d), cfg.kind, format=d.format, columns=d.columns, encoding=d.encoding,
+    # The output is never an input: `convert DIR --output DIR/all.jsonl` would otherwise read its own earlier
+    # output on a rerun and write every record twice. (Its hidden `.tmp` files are never data files.)
+    files = expand_paths(_files(d))
+    inputs = [f for f in files if Path(f).resolve() != out.resolve()]
+    if len(inputs) < len(files):
+        log(f"not reading {out} (the output) as an input")
+    if not inputs:
+        raise MedGPTError(f"the only input given is the output file {out} itself. Pass the source files, or "
+                          "choose another --output.")
+    records = load_records(inputs, cfg.kind, format=d.format, columns=d.columns, encoding=d.encoding,
                            text_mode=d.text_mode, max_samples=d.max_samples)
     with atomic_write(out) as f:
         for rec in records:

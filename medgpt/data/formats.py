@@ -6,6 +6,8 @@ Canonical kinds (DESIGN.md):
     text        {"text": str}
     chat        {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
     preference  {"prompt": [messages ending with user], "chosen": [assistant msgs], "rejected": [...]}
+                (read from prompt/chosen/rejected, question/response_chosen/response_rejected, HH-RLHF
+                conversations, or MedicalGPT's {"conversations": [ShareGPT turns], "chosen": str, "rejected": str})
     prompt      {"prompt": [messages ending with user], "answer"?: str}
     mcq         {"question": str, "options": {"A": str, ...}, "answer": "A", "subject"?: str}
 
@@ -37,6 +39,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "human": "us
 QA_PAIRS = (("question", "answer"), ("问", "答"), ("prompt", "response"), ("prompt", "completion"),
             ("query", "response"), ("input", "output"))
 LETTERS = "ABCDEFGHIJ"
+CONVERSATION_KEYS = ("conversations", "conversation", "messages")
 
 
 class RecordError(ValueError):
@@ -84,7 +87,7 @@ def detect_format(obj: dict) -> str | None:
         return None
     if (_has(obj, "chosen") and _has(obj, "rejected")) or _has(obj, "response_chosen"):
         return "preference"
-    for key in ("conversations", "conversation", "messages"):
+    for key in CONVERSATION_KEYS:
         turns = obj.get(key)
         if isinstance(turns, list):
             first = turns[0] if turns and isinstance(turns[0], dict) else {}
@@ -260,6 +263,8 @@ def _parse_hh(text: str, label: str) -> list[dict]:
 def _reply(obj: dict, key: str, prompt: list[dict]) -> list[dict]:
     """chosen/rejected as a string or messages; prompt turns repeated in front of the reply are dropped."""
     value = obj.get(key)
+    if isinstance(value, dict):  # LLaMA-Factory ranking data: one {"from": "gpt", "value": ...} turn
+        value = [value]
     if not isinstance(value, list):
         return [{"role": "assistant", "content": _field(obj, key)}]
     messages = _turns(value, key)
@@ -277,6 +282,10 @@ def _preference(obj: dict) -> dict:
         rejected = [{"role": "assistant", "content": _field(obj, "response_rejected")}]
     elif _has(obj, "prompt"):
         prompt = _prompt_messages(obj, "prompt")
+        chosen, rejected = _reply(obj, "chosen", prompt), _reply(obj, "rejected", prompt)
+    elif (key := next((k for k in CONVERSATION_KEYS if isinstance(obj.get(k), list)), None)) is not None:
+        # MedicalGPT / LLaMA-Factory: the prompt as ShareGPT turns, chosen and rejected as the replies
+        prompt = _with_system(_turns(obj[key], key), _optional(obj, "system"))
         chosen, rejected = _reply(obj, "chosen", prompt), _reply(obj, "rejected", prompt)
     else:  # HH style: two whole conversations that share everything up to the last user turn
         convs = []
@@ -366,7 +375,7 @@ def _mcq(obj: dict) -> dict:
 _CONVERTERS: dict[str, Callable[[dict], dict]] = {
     "text": _text,
     "alpaca": _alpaca,
-    "sharegpt": partial(_chat, keys=("conversations", "conversation", "messages")),
+    "sharegpt": partial(_chat, keys=CONVERSATION_KEYS),
     "openai": partial(_chat, keys=("messages",)),
     "qa": _qa,
     "preference": _preference,

@@ -1,15 +1,45 @@
 """Canonical records -> tokenized `datasets.Dataset`s that trainers consume.
 
 Validation happens before this (see validate.load_records), so every record here is well formed. These
-functions only tokenize, and report what they had to drop and why.
+functions only tokenize, and report what they had to drop and why. Text too long to fit is dropped by its
+character count before the tokenizer sees it (`char_limit`): tokenizing one 50 MB record takes gigabytes.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable
 
 from medgpt.data.templates import IGNORE_INDEX, encode
 from medgpt.utils import MedGPTError, log
+
+
+@functools.lru_cache(maxsize=8)
+def _longest_entry(tokenizer, vocab_size: int) -> int:
+    return max((len(t) for t in tokenizer.get_vocab()), default=1)
+
+
+def char_limit(tokenizer, max_tokens: int) -> int:
+    """Characters that cannot fit in `max_tokens` tokens: no token covers more characters than its vocabulary
+    entry spells (byte-level, SentencePiece and WordPiece entries are at least as long as the text they cover);
+    x4 leaves room for normalizers that merge characters (NFC composes at most 3 into 1)."""
+    return 4 * max_tokens * _longest_entry(tokenizer, len(tokenizer))
+
+
+def _chars(messages: list[dict]) -> int:
+    return sum(len(m["content"]) for m in messages)
+
+
+def _within(messages: list[dict], limit: int) -> list[dict]:
+    """The longest prefix of whole exchanges with at most `limit` characters of content ([] when not even the
+    first): `encode` would drop the rest too, but only after tokenizing all of it."""
+    total, end = 0, 0
+    for i, m in enumerate(messages, 1):
+        total += len(m["content"])
+        if total > limit:
+            break
+        end = i if m["role"] == "assistant" else end
+    return messages[:end]
 
 
 def chat_dataset(records: list[dict], template, tokenizer, max_length: int, what: str = "train"):
@@ -17,9 +47,10 @@ def chat_dataset(records: list[dict], template, tokenizer, max_length: int, what
     exchange are dropped and counted (they would train nothing)."""
     from datasets import Dataset
 
-    rows, dropped = [], 0
+    rows, dropped, limit = [], 0, char_limit(tokenizer, max_length)
     for rec in records:
-        enc = encode(rec["messages"], template, tokenizer, max_length=max_length)
+        messages = _within(rec["messages"], limit)
+        enc = encode(messages, template, tokenizer, max_length=max_length) if messages else None
         if enc is None:
             dropped += 1
             continue
@@ -68,11 +99,16 @@ def fit_prompt(prompt: list[dict], replies: list[list[dict]], template, tokenize
 
     head = prompt[:1] if prompt[0]["role"] == "system" else []
     turns = prompt[len(head):]
+    # Character counts first (see char_limit), so text that cannot fit is never tokenized.
+    limit = char_limit(tokenizer, max_length) if max_length is not None else None
+    prompt_limit = char_limit(tokenizer, max_prompt_length) if max_prompt_length is not None else None
     for start in range(0, len(turns), 2):
         candidate = head + turns[start:]
-        if max_prompt_length is not None and len(encode_prompt(candidate, template, tokenizer)) > max_prompt_length:
+        if max_prompt_length is not None and (_chars(candidate) > prompt_limit or len(
+                encode_prompt(candidate, template, tokenizer)) > max_prompt_length):
             continue
-        if max_length is None or all(_n_tokens(candidate + reply, template, tokenizer) <= max_length
+        if max_length is None or all(_chars(candidate + reply) <= limit and
+                                     _n_tokens(candidate + reply, template, tokenizer) <= max_length
                                      for reply in replies):
             return candidate
     return None

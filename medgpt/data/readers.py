@@ -18,6 +18,7 @@ import glob
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -34,11 +35,14 @@ _ENCODING_HINT = "re-save the file as UTF-8, or set --data.encoding (e.g. gbk, g
 
 @dataclass
 class Raw:
-    """One record as read: `obj` when it parsed, else `error` saying why not. `line` is 1-based."""
+    """One record as read: `obj` when it parsed, else `error` saying why not. `line` is 1-based.
+    `fatal`: the error ends the file (undecodable bytes, a broken .json document), so later records are lost
+    with it and a loader that skips bad records must not skip this one."""
     file: str
     line: int
     obj: dict | None = None
     error: str | None = None
+    fatal: bool = False
 
 
 class DecodeError(MedGPTError):
@@ -71,6 +75,14 @@ def _walk(directory: str) -> list[str]:
     return sorted(found)
 
 
+def _special(path: str) -> bool:
+    """A named pipe, socket or device: opening one for reading can block forever, so it is never opened."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode) and not os.path.isdir(path)
+    except OSError:
+        return False
+
+
 def expand_paths(specs: Iterable[str]) -> list[str]:
     """Files, globs (`**` allowed), directories, saved `datasets` dirs and hub ids -> a list of sources.
 
@@ -89,14 +101,14 @@ def expand_paths(specs: Iterable[str]) -> list[str]:
                 raise MedGPTError(f"data directory '{spec}' holds no data files ({', '.join(EXTENSIONS)}); "
                                   "point --data.train_files at the files themselves or add some")
             out += found
-        elif os.path.isfile(spec):
+        elif os.path.isfile(spec) or _special(spec):  # a special file is refused by iter_raw, as a problem
             if not spec.lower().endswith(EXTENSIONS):
                 raise MedGPTError(f"{spec}: unsupported file type '{Path(spec).suffix}'; "
                                   f"supported: {', '.join(EXTENSIONS)} (or a saved `datasets` directory)")
             out.append(spec)
         elif any(c in spec for c in "*?["):
             matches = sorted(glob.glob(spec, recursive=True))
-            found = [m for m in matches if os.path.isfile(m) and m.lower().endswith(EXTENSIONS)]
+            found = [m for m in matches if (os.path.isfile(m) or _special(m)) and m.lower().endswith(EXTENSIONS)]
             found += [f for m in matches if os.path.isdir(m) for f in _walk(m)]
             if not found:
                 raise MedGPTError(f"data glob '{spec}' matches no data files ({', '.join(EXTENSIONS)}) "
@@ -202,6 +214,29 @@ def _read_text(path: str, encoding: str) -> str:
 
 # ----------------------------------------------------------------------------- one reader per file type
 
+NESTED = "JSON nested too deeply to read (a record is an object of strings and short lists)"
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(obj) -> str | None:
+    """Why a parsed value cannot be used: a `\\ud800`-style escape with no partner decodes to a character that
+    no UTF-8 text can hold (hashing, tokenizing or writing it would fail later). Walked without recursion."""
+    stack = [obj]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            m = _LONE_SURROGATE.search(value)
+            if m:
+                return (f"lone surrogate \\u{ord(m.group()):04x} in a string (a \\ud800-\\udfff escape without "
+                        "its pair is not a character); fix or remove it")
+        elif isinstance(value, dict):
+            stack += list(value) + list(value.values())
+        elif isinstance(value, list):
+            stack += value
+    return None
+
+
 def _iter_jsonl(path: str, lines: Iterable[tuple[int, str]]) -> Iterator[Raw]:
     for lineno, text in lines:
         if not text.strip():
@@ -211,7 +246,13 @@ def _iter_jsonl(path: str, lines: Iterable[tuple[int, str]]) -> Iterator[Raw]:
         except json.JSONDecodeError as e:
             yield Raw(path, lineno, error=f"malformed JSON: {e.msg} (column {e.colno})")
             continue
-        if isinstance(obj, dict):
+        except RecursionError:
+            yield Raw(path, lineno, error=NESTED)
+            continue
+        bad = _lone_surrogate(obj) if _SURROGATE_ESCAPE.search(text) else None
+        if bad:
+            yield Raw(path, lineno, error=bad)
+        elif isinstance(obj, dict):
             yield Raw(path, lineno, obj=obj)
         else:
             yield Raw(path, lineno, error=f"expected a JSON object per line, got {type(obj).__name__}")
@@ -220,14 +261,22 @@ def _iter_jsonl(path: str, lines: Iterable[tuple[int, str]]) -> Iterator[Raw]:
 _WS = re.compile(r"\s*")
 
 
+def _decode(text: str, i: int) -> tuple[object, int]:
+    """One JSON value at text[i] -> (value, end); too deep a value is a decode error at its start, not a crash."""
+    try:
+        return json.JSONDecoder().raw_decode(text, i)
+    except RecursionError:
+        raise json.JSONDecodeError(NESTED, text, i) from None
+
+
 def _scan_array(text: str, i: int) -> tuple[list[tuple[int, object]], int]:
     """Parse the JSON array starting at text[i] == '[' -> ([(start offset, element)], end offset)."""
-    decoder, items = json.JSONDecoder(), []
+    items = []
     i = _WS.match(text, i + 1).end()
     if text.startswith("]", i):
         return items, i + 1
     while True:
-        obj, end = decoder.raw_decode(text, i)
+        obj, end = _decode(text, i)
         items.append((i, obj))
         i = _WS.match(text, end).end()
         if text.startswith("]", i):
@@ -237,23 +286,23 @@ def _scan_array(text: str, i: int) -> tuple[list[tuple[int, object]], int]:
         i = _WS.match(text, i + 1).end()
 
 
-def _json_rows(text: str, i: int) -> list[tuple[int, object]]:
+def _json_rows(text: str, i: int, whole: dict) -> list[tuple[int, object]]:
     """A top-level JSON object -> [(offset, row)]: split lists are concatenated, columns become rows."""
-    decoder, fields = json.JSONDecoder(), []  # [(key, offset of value)]
+    fields = []  # [(key, offset of value)]
     j = _WS.match(text, i + 1).end()
     while not text.startswith("}", j):
-        key, j = decoder.raw_decode(text, j)
+        key, j = _decode(text, j)
         j = _WS.match(text, j).end()
         if not text.startswith(":", j):
             raise json.JSONDecodeError("expected ':'", text, j)
         start = _WS.match(text, j + 1).end()
-        _, j = decoder.raw_decode(text, start)
+        _, j = _decode(text, start)
         fields.append((key, start))
         j = _WS.match(text, j).end()
         if text.startswith(",", j):
             j = _WS.match(text, j + 1).end()
     if not fields or not all(text.startswith("[", start) for _, start in fields):
-        return [(i, json.loads(text))]  # one record written as a single object
+        return [(i, whole)]  # one record written as a single object
     lists = {key: _scan_array(text, start)[0] for key, start in fields}
     if all(isinstance(v, dict) for items in lists.values() for _, v in items):
         return [item for items in lists.values() for item in items]  # {"train": [...], "test": [...]}
@@ -264,33 +313,47 @@ def _json_rows(text: str, i: int) -> list[tuple[int, object]]:
     return [(row[0][0], {key: cell[1] for key, cell in zip(lists, row)}) for row in zip(*columns)]
 
 
+def _json_values(text: str, i: int) -> Iterator[tuple[int, object]]:
+    """(offset, record) of every top-level value from text[i] on. Lists and objects may follow one another
+    (`[a]\\n[b, c]` is three records); anything else after them is an error, never silently dropped."""
+    first = True
+    while i < len(text):
+        if text[i] == "[":
+            items, end = _scan_array(text, i)
+            yield from items
+        elif text[i] == "{":
+            obj, end = _decode(text, i)
+            alone = first and _WS.match(text, end).end() == len(text)
+            yield from _json_rows(text, i, obj) if alone else [(i, obj)]
+        elif first:
+            raise json.JSONDecodeError("a .json file must hold a list of records or an object", text, i)
+        else:
+            raise json.JSONDecodeError(f"unexpected text {text[i:i + 20]!r} after the end of the JSON data "
+                                       "(a .json file holds lists or objects, one after another)", text, i)
+        first, i = False, _WS.match(text, end).end()
+
+
 def _iter_json(path: str, encoding: str) -> Iterator[Raw]:
     text = _read_text(path, encoding)
     newlines = [m.start() for m in re.finditer("\n", text)]
     line_of = lambda offset: bisect.bisect_left(newlines, offset) + 1  # noqa: E731
     i = _WS.match(text).end()
-    if i == len(text):
-        return
+    check = _SURROGATE_ESCAPE.search(text) is not None
     try:
-        if text[i] == "[":
-            items, end = _scan_array(text, i)
-        elif text[i] == "{":
-            _, end = json.JSONDecoder().raw_decode(text, i)
-            if _WS.match(text, end).end() < len(text):  # several objects: it is really JSON Lines
-                yield from _iter_jsonl(path, enumerate(text.split("\n"), 1))
+        if text.startswith("{", i):
+            _, end = _decode(text, i)
+            if _WS.match(text, end).end() < len(text) and "\n" not in text[i:end]:
+                yield from _iter_jsonl(path, enumerate(text.split("\n"), 1))  # one object per line: JSON Lines
                 return
-            items = _json_rows(text, i)
-        else:
-            yield Raw(path, line_of(i), error="a .json file must hold a list of records or an object")
-            return
+        for offset, obj in _json_values(text, i):
+            bad = _lone_surrogate(obj) if check else None
+            if bad or not isinstance(obj, dict):
+                yield Raw(path, line_of(offset), error=bad or f"expected a JSON object, got {type(obj).__name__}")
+            else:
+                yield Raw(path, line_of(offset), obj=obj)
     except json.JSONDecodeError as e:
-        yield Raw(path, e.lineno, error=f"malformed JSON: {e.msg} (column {e.colno})")
-        return
-    for offset, obj in items:
-        if isinstance(obj, dict):
-            yield Raw(path, line_of(offset), obj=obj)
-        else:
-            yield Raw(path, line_of(offset), error=f"expected a JSON object, got {type(obj).__name__}")
+        plain = e.msg == NESTED or e.msg.startswith(("a .json", "unexpected text"))
+        yield Raw(path, e.lineno, error=e.msg if plain else f"malformed JSON: {e.msg} (column {e.colno})", fatal=True)
 
 
 def _iter_txt(path: str, encoding: str, text_mode: str) -> Iterator[Raw]:
@@ -395,6 +458,9 @@ def iter_raw(path: str, encoding: str = "auto", text_mode: str = "line") -> Iter
     ext = Path(path).suffix.lower()
     if ext not in EXTENSIONS:
         raise MedGPTError(f"{path}: unsupported file type '{ext}'; supported: {', '.join(EXTENSIONS)}")
+    if _special(path):
+        raise MedGPTError(f"{path}: not a regular file (a named pipe, socket or device), so it is not read; "
+                          "write the data to a regular file and pass that")
     if ext == ".parquet":
         yield from _iter_parquet(path)
         return
@@ -409,7 +475,7 @@ def iter_raw(path: str, encoding: str = "auto", text_mode: str = "line") -> Iter
         else:
             yield from _iter_csv(path, enc, "\t" if ext == ".tsv" else ",")
     except DecodeError as e:
-        yield Raw(path, e.line, error=e.reason)
+        yield Raw(path, e.line, error=e.reason, fatal=True)
 
 
 def iter_records(paths: Iterable[str], encoding: str = "auto", text_mode: str = "line") -> Iterator[Raw]:

@@ -4,14 +4,17 @@
 
 Every problem is reported as `file:line: what is wrong`, like a compiler, so a user can jump to it.
 `load_records` validates before it returns anything: a bad record fails the run before a model is
-loaded, not hours into training. `iter_canonical` is the streaming variant for corpora too large to
-check first; it fails at the first bad record instead.
+loaded, not hours into training. Training commands load through `load_splits`, which skips a few invalid
+records (each named in the log) rather than lose a run to one empty turn in a scraped file, and refuses
+more than `--data.max_invalid` of them; a file that cannot be read at all always fails. `iter_canonical`
+is the streaming variant for corpora too large to check first; it fails at the first bad record instead.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,11 +34,13 @@ KINDS = ("text", "chat", "preference", "prompt", "mcq")
 
 @dataclass
 class Problem:
-    """One thing wrong at `file:line` (line 0: the file as a whole)."""
+    """One thing wrong at `file:line` (line 0: the file as a whole). `fatal`: the file, or the rest of it,
+    cannot be read (never skipped, unlike one bad record)."""
     file: str
     line: int
     message: str
     level: Literal["error", "warning"] = "error"
+    fatal: bool = False
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
@@ -46,7 +51,8 @@ class Problem:
 class FileReport:
     """What validation found in one source. `count` counts every record read, good or bad;
     `kinds` are the record kinds the file can be loaded as (e.g. preference -> preference, chat, prompt);
-    `problems` stops growing at max_problems_per_file while `n_errors`/`n_warnings` keep counting."""
+    `problems` stops growing at max_problems_per_file while `n_errors`/`n_warnings`/`n_fatal` keep counting;
+    `n_errors - n_fatal` records are invalid one by one."""
     path: str
     format: str | None
     count: int = 0
@@ -54,10 +60,12 @@ class FileReport:
     kinds: list[str] = field(default_factory=list)
     n_errors: int = 0
     n_warnings: int = 0
+    n_fatal: int = 0
 
     def add(self, problem: Problem, limit: int) -> None:
         if problem.level == "error":
             self.n_errors += 1
+            self.n_fatal += problem.fatal
         else:
             self.n_warnings += 1
         if len(self.problems) < limit:
@@ -84,11 +92,11 @@ def _decide_format(path: str, head: list, fmt: str, columns) -> tuple[str | None
     mixed = ", ".join(f"{f}: {c}" for f, c in votes.most_common() if f) if len(votes) > 1 else ""
     message = (f"cannot tell the record format{f' (records look mixed: {mixed})' if mixed else ''}; "
                f"keys seen: {', '.join(keys[:20])}; {FIX_FORMAT}")
-    return None, Problem(path, valid[0].line, message)
+    return None, Problem(path, valid[0].line, message, fatal=True)
 
 
 def _open(path: str, fmt: str, columns, encoding: str, text_mode: str):
-    """(format, file-level problem, rows) for one source; rows yield (line, canonical record, error)."""
+    """(format, file-level problem, rows) for one source; rows yield (line, canonical record, error, fatal)."""
     raws = iter_raw(path, encoding, text_mode)
     head, parsed = [], 0
     for raw in raws:
@@ -98,18 +106,19 @@ def _open(path: str, fmt: str, columns, encoding: str, text_mode: str):
             break
     if not head:
         empty = os.path.isfile(path) and os.path.getsize(path) == 0
-        return None, Problem(path, 1, "file is empty" if empty else "no records (only blank lines?)"), iter(())
+        problem = Problem(path, 1, "file is empty" if empty else "no records (only blank lines?)", fatal=True)
+        return None, problem, iter(())
     fmt, problem = _decide_format(path, head, fmt, columns)
 
     def rows():
         for raw in chain(head, raws):
             if raw.error is not None:
-                yield raw.line, None, raw.error
+                yield raw.line, None, raw.error, raw.fatal
                 continue
             try:
-                yield raw.line, to_canonical(raw.obj, fmt, columns), None
+                yield raw.line, to_canonical(raw.obj, fmt, columns), None, False
             except RecordError as e:
-                yield raw.line, None, str(e)
+                yield raw.line, None, str(e), False
     return fmt, problem, rows()
 
 
@@ -127,12 +136,12 @@ def _wrong_kind(path: str, fmt: str, kind: str, purpose: str | None) -> MedGPTEr
 
 
 def _file_problem(path: str, error: MedGPTError) -> Problem:
-    return Problem(path, 0, str(error).removeprefix(f"{path}: "))
+    return Problem(path, 0, str(error).removeprefix(f"{path}: "), fatal=True)
 
 
 def _check_rows(report: FileReport, rows, kind, records, seen, max_samples, max_problems) -> None:
     """Feed one file's rows into its report, and into `records` (as `kind` when set) unless it is None."""
-    for line, record, error in rows:
+    for line, record, error, fatal in rows:
         report.count += 1
         if error is None:
             first = seen.setdefault(_digest(record), (report.path, line))
@@ -145,7 +154,7 @@ def _check_rows(report: FileReport, rows, kind, records, seen, max_samples, max_
                 except RecordError as e:
                     error = str(e)
         if error is not None:
-            report.add(Problem(report.path, line, error), max_problems)
+            report.add(Problem(report.path, line, error, fatal=fatal), max_problems)
         if max_samples is not None and records is not None and len(records) >= max_samples:
             return
 
@@ -209,17 +218,48 @@ def load_records(specs: list[str], kind: str | None = None, *, format: str = "au
     needed when a file holds the wrong kind of records. `purpose` (e.g. 'dpo') words that message.
     With `max_samples`, reading stops after that many records (later records are not checked).
     """
+    return load_tolerant(specs, kind, format=format, columns=columns, encoding=encoding, text_mode=text_mode,
+                         max_samples=max_samples, purpose=purpose, max_invalid=0.0)[0]
+
+
+def load_tolerant(specs: list[str], kind: str | None = None, *, max_invalid: float, format: str = "auto",
+                  columns: dict[str, str] | None = None, encoding: str = "auto", text_mode: str = "line",
+                  max_samples: int | None = None, purpose: str | None = None) -> tuple[list[dict], int]:
+    """`load_records` that skips invalid records, up to `max_invalid` (a fraction of the records read):
+    (records, number skipped). A file that cannot be read, or holds the wrong kind, still fails."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"unknown kind '{kind}'; known: {', '.join(KINDS)}")
     specs = [specs] if isinstance(specs, str) else list(specs)
     reports, records = _scan(specs, kind, True, format=format, columns=columns, encoding=encoding,
                              text_mode=text_mode, max_samples=max_samples, max_problems=50, purpose=purpose)
-    if any(r.n_errors for r in reports):
+    if any(r.n_fatal for r in reports) or (max_invalid <= 0 and any(r.n_errors for r in reports)):
         raise _fail(specs, reports)
+    invalid = [p for r in reports for p in r.problems if p.level == "error"]
+    n_invalid = sum(r.n_errors for r in reports)
+    tolerate(invalid, n_invalid, sum(r.count for r in reports), max_invalid, specs)
     warnings = sum(r.n_warnings for r in reports)
     if warnings:
         log(f"data: {warnings} warning(s) (e.g. duplicates); `medgpt data validate {' '.join(specs)}` lists them")
-    return records[:max_samples] if max_samples is not None else records
+    return (records[:max_samples] if max_samples is not None else records), n_invalid
+
+
+def tolerate(problems: list, n_invalid: int, n_records: int, max_invalid: float, specs: list[str],
+             hint: str = "") -> None:
+    """Log the invalid records being skipped (the first 10 as file:line), or refuse when they are more than
+    `max_invalid` of `n_records`: a file that is mostly broken is the wrong file, not a few bad lines."""
+    if not n_invalid:
+        return
+    listed = "\n".join(f"  {p}" for p in problems[:10])
+    listed += f"\n  ... and {n_invalid - 10} more" if n_invalid > 10 else ""
+    share = n_invalid / max(n_records, 1)
+    if share > max_invalid:
+        raise MedGPTError(
+            f"{_plural(n_invalid, 'invalid record')} of {n_records} read ({share:.1%}), more than --data.max_invalid "
+            f"{max_invalid:g} ({max_invalid:.0%}) allows:\n{listed}\nFix them (`medgpt data validate "
+            f"{' '.join(specs)}` lists them all), or raise --data.max_invalid to {math.ceil(round(share * 100, 6)) / 100:g} "
+            f"to train on the valid records only.{f' {hint}' if hint else ''}")
+    log(f"data: skipped {_plural(n_invalid, 'invalid record')} of {n_records} read ({share:.1%}; "
+        f"--data.max_invalid {max_invalid:g} allows {max_invalid:.0%}):\n{listed}")
 
 
 def iter_canonical(specs: list[str], kind: str | None = None, *, format: str = "auto",
@@ -239,7 +279,7 @@ def iter_canonical(specs: list[str], kind: str | None = None, *, format: str = "
                 raise MedGPTError(str(problem))
             if kind is not None and fmt != "auto" and not can_convert(kind_of(fmt), kind):
                 raise _wrong_kind(path, fmt, kind, purpose)
-            for line, record, error in rows:
+            for line, record, error, _ in rows:
                 try:
                     if error is not None:
                         raise RecordError(error)
@@ -271,24 +311,27 @@ def format_report(reports: list[FileReport]) -> str:
     return "\n".join(out)
 
 
-def load_splits(data, kind: str, *, purpose: str | None = None, seed: int = 42) -> tuple[list[dict], list[dict]]:
-    """Train and eval records for a training command, from `DataArgs`: eval from `eval_files`, or a seeded
-    `eval_split` fraction held out of train. Everything is validated before any model loads."""
+def load_splits(data, kind: str, *, purpose: str | None = None, seed: int = 42
+                ) -> tuple[list[dict], list[dict], int]:
+    """Train and eval records for a training command, from `DataArgs`, and how many invalid records were skipped
+    (up to --data.max_invalid of each split; see `tolerate`): eval from `eval_files`, or a seeded `eval_split`
+    fraction held out of train. Everything is read and checked before any model loads."""
     import random
 
     if not data.train_files:
         raise MedGPTError(f"no training data given. Add --data.train_files FILES"
                           f"{f' ({purpose} needs {kind} records)' if purpose else ''}.")
     common = dict(format=data.format, columns=data.columns, encoding=data.encoding, text_mode=data.text_mode,
-                  max_samples=data.max_samples, purpose=purpose)
-    train = load_records(data.train_files, kind, **common)
+                  max_samples=data.max_samples, purpose=purpose, max_invalid=data.max_invalid)
+    train, invalid = load_tolerant(data.train_files, kind, **common)
     if data.eval_files:
-        return train, load_records(data.eval_files, kind, **common)
+        held, more = load_tolerant(data.eval_files, kind, **common)
+        return train, held, invalid + more
     if data.eval_split > 0 and len(train) > 1:
         rng = random.Random(seed)
         order = list(range(len(train)))
         rng.shuffle(order)
         n_eval = max(1, int(len(train) * data.eval_split))
         held = set(order[:n_eval])
-        return [r for i, r in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
-    return train, []
+        return [r for i, r in enumerate(train) if i not in held], [train[i] for i in sorted(held)], invalid
+    return train, [], invalid
