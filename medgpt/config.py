@@ -6,6 +6,8 @@ Rules (the contract every command relies on):
 - YAML gives defaults, flags win; both are type-checked against the dataclass field types.
 - An unknown key is an error that names the nearest valid key.
 - Every field carries its doc in `metadata["help"]` (see `arg`); `--help` prints them.
+- Numbers carry their valid range (`arg(4, "...", min=1)`); a value outside it is an error naming the key, the
+  file it came from (if any) and the range.
 - The resolved config is saved beside the outputs with `save_config`.
 """
 
@@ -27,11 +29,24 @@ _FALSE = {"false", "0", "no", "n", "off"}
 _NONE = {"none", "null", "~", ""}
 
 
-def arg(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None) -> Any:
-    """A config field with its documentation. Mutable defaults go through `factory`."""
+def arg(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, min: float | None = None,
+        max: float | None = None, above: float | None = None, below: float | None = None,
+        unbounded: bool = False) -> Any:
+    """A config field with its documentation. Mutable defaults go through `factory`.
+
+    A number states its valid range, checked wherever a value is read (YAML or flag): `min`/`max` inclusive,
+    `above`/`below` exclusive, e.g. `arg(0.9, "...", above=0, max=1)`. A number with no natural range says
+    `unbounded=True`, so that a forgotten range is caught by the tests rather than by a user's traceback.
+    """
+    meta: dict[str, Any] = {"help": help}
+    bounds = {k: v for k, v in (("min", min), ("above", above), ("max", max), ("below", below)) if v is not None}
+    if bounds:
+        meta["range"] = bounds
+    if unbounded:
+        meta["unbounded"] = True
     if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def section(cls: type, help: str = "") -> Any:
@@ -183,6 +198,38 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     fail()
 
 
+# ----------------------------------------------------------------------------- ranges
+
+_RULES = {"min": ("at least", lambda v, b: v >= b), "max": ("at most", lambda v, b: v <= b),
+          "above": ("above", lambda v, b: v > b), "below": ("below", lambda v, b: v < b)}
+
+
+def describe_range(bounds: dict[str, float]) -> str:
+    """{'min': 0, 'below': 1} -> 'at least 0 and below 1'."""
+    return " and ".join(f"{_RULES[k][0]} {v if isinstance(v, int) else f'{v:g}'}" for k, v in bounds.items())
+
+
+def check_range(value: Any, f: dataclasses.Field, key: str, raw: Any, where: str | None = None) -> None:
+    """Raise a MedGPTError when a coerced number (or a list item) is outside the field's declared range.
+
+    `where` is "in FILE" for a YAML value, None for a flag; `raw` is the value as the user wrote it."""
+    bounds = f.metadata.get("range")
+    items = value if isinstance(value, list) else [value]
+    if not bounds or not any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+        return
+    if all(_RULES[k][1](v, b) for v in items for k, b in bounds.items()):
+        return
+    doc = f.metadata.get("help", "").split(". ")[0].rstrip(".")
+    first = doc.split(" ")[0]
+    if first[1:] == first[1:].lower():  # "Per-device batch size" -> "per-device ...", but "LoRA rank" stays
+        doc = doc[:1].lower() + doc[1:]
+    doc = f" ({doc})" if doc else ""
+    if where:
+        raise MedGPTError(f"{key}: {raw} {where}: must be {describe_range(bounds)}{doc}. "
+                          f"Fix the value in that file (or override it with --{key} VALUE).")
+    raise MedGPTError(f"--{key} {raw}: must be {describe_range(bounds)}{doc}. Pass a value in that range.")
+
+
 # ----------------------------------------------------------------------------- building
 
 def _unknown(key: str, cls: type, source: str) -> MedGPTError:
@@ -235,19 +282,20 @@ def build(cls: type, values: dict[str, Any], source: dict[str, str] | None = Non
                 kwargs[f.name] = make(tp, key + ".", shaped)
             elif key in values:
                 kwargs[f.name] = coerce(values[key], tp, key)
+                check_range(kwargs[f.name], f, key, values[key], source.get(key))
         try:
-            return dataclasses.replace(base, **kwargs) if base is not None else c(**kwargs)
+            made = dataclasses.replace(base, **kwargs) if base is not None else c(**kwargs)
         except TypeError as e:  # a required field left unset
             missing = [f"{prefix}{f.name}" for f in dataclasses.fields(c)
                        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                        and f.name not in kwargs]
             raise MedGPTError(f"missing required config key(s): {', '.join(missing) or e}.") from None
+        post = getattr(made, "validate", None)  # rules across fields of one group (num_epochs vs max_steps)
+        if callable(post):
+            post()
+        return made
 
-    cfg = make(cls, "")
-    post = getattr(cfg, "validate", None)
-    if callable(post):
-        post()
-    return cfg
+    return make(cls, "")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -317,6 +365,8 @@ def parse_argv(cls: type, argv: list[str], positional: str | None = None):
             raise MedGPTError(f"unexpected argument '{tok}'. Options are given as --section.key VALUE; "
                               f"run with --help to list them.")
     values.update(flags)
+    for key in flags:  # a flag wins over the YAML value, so errors about it must not name the file
+        source.pop(key, None)
     return build(cls, values, source)
 
 
@@ -352,5 +402,7 @@ def format_help(cls: type, command: str, doc: str = "") -> str:
             for part in key.split("."):
                 default = default[part]
         help_ = f.metadata.get("help", "")
-        lines.append(f"  --{key:<{width}} {help_} [{_type_name(tp)}; default: {default!r}]")
+        bounds = f.metadata.get("range")
+        kind = _type_name(tp) + (f", {describe_range(bounds)}" if bounds else "")
+        lines.append(f"  --{key:<{width}} {help_} [{kind}; default: {default!r}]")
     return "\n".join(lines)

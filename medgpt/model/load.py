@@ -6,11 +6,17 @@ asked, and a clear error (not a traceback) for a path that does not exist or a h
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from medgpt.args import ModelArgs
+from medgpt.outdir import check_complete
 from medgpt.utils import MedGPTError, log
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+MERGED_MARKER = "merged_from"  # key in a merged model's config.json: which adapters went into its weights
 
 
 def _check_source(name_or_path: str, what: str = "model") -> None:
@@ -21,6 +27,7 @@ def _check_source(name_or_path: str, what: str = "model") -> None:
     if looks_local and not p.exists():
         raise MedGPTError(f"{what} path {name_or_path} does not exist. Check --model.name_or_path "
                           f"(a local directory, or a hub id such as Qwen/Qwen2.5-0.5B-Instruct).")
+    check_complete(p)  # a medgpt output whose final save never finished
 
 
 def _hub_error(name_or_path: str, e: Exception) -> MedGPTError:
@@ -30,12 +37,46 @@ def _hub_error(name_or_path: str, e: Exception) -> MedGPTError:
                        f"Pass a local directory, or go online once so the hub files are cached.")
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_adapter(path: str | None) -> tuple[Path, dict]:
+    """The adapter dir and its adapter_config.json, or a clear error (missing, a merged or full model, not an
+    adapter, no weights). Every load of --model.adapter goes through here, before anything heavy is loaded."""
+    if not path:
+        raise MedGPTError("no adapter given. Add --model.adapter DIR (the output dir of a LoRA/QLoRA training run).")
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise MedGPTError(f"adapter directory {path} does not exist. Check --model.adapter (the output dir of a "
+                          f"LoRA/QLoRA run, which holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS[0]}).")
+    check_complete(p, "--model.adapter")  # killed during its final save: maybe an adapter beside a 0-byte file
+    conf = p / ADAPTER_CONFIG
+    if not conf.is_file():
+        if MERGED_MARKER in _read_json(p / "config.json"):
+            raise MedGPTError(f"{path} is an already merged model, not an adapter: it has no {ADAPTER_CONFIG} and "
+                              f"nothing left to merge. Use it directly (medgpt chat --model.name_or_path {path}).")
+        if (p / "config.json").is_file():
+            raise MedGPTError(f"{path} is a full model, not a LoRA adapter (no {ADAPTER_CONFIG}): a full "
+                              f"fine-tuning run needs no merge. Use it directly as --model.name_or_path.")
+        raise MedGPTError(f"{path} is not a LoRA adapter: it has no {ADAPTER_CONFIG}. Pass the output dir of a "
+                          f"run with --finetune.type lora or qlora.")
+    if not any((p / w).is_file() for w in ADAPTER_WEIGHTS):
+        raise MedGPTError(f"{path} has {ADAPTER_CONFIG} but no adapter weights ({ADAPTER_WEIGHTS[0]}); the run "
+                          f"that wrote it may not have finished. Point --model.adapter at a complete adapter.")
+    return p.resolve(), _read_json(conf)
+
+
 def load_tokenizer(model: ModelArgs):
     """AutoTokenizer for `model.name_or_path` (the adapter dir's tokenizer wins when it has one)."""
     from transformers import AutoTokenizer
 
     src = model.name_or_path
-    if model.adapter and (Path(model.adapter) / "tokenizer_config.json").exists():
+    if model.adapter and (check_adapter(model.adapter)[0] / "tokenizer_config.json").exists():
         src = model.adapter
     _check_source(src, "tokenizer")
     try:
@@ -82,6 +123,8 @@ def load_model(model: ModelArgs, finetune=None, task: str = "causal_lm", num_lab
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     _check_source(model.name_or_path)
+    if model.adapter:
+        check_adapter(model.adapter)
     ft_type = getattr(finetune, "type", "full")
     dtype = pick_dtype(model.dtype)
     kwargs = dict(dtype=dtype, trust_remote_code=model.trust_remote_code, use_safetensors=True)
@@ -125,14 +168,32 @@ def load_model(model: ModelArgs, finetune=None, task: str = "causal_lm", num_lab
         net.config.use_cache = False
 
     if model.adapter:
-        from peft import PeftModel
-
-        if not Path(model.adapter).exists():
-            raise MedGPTError(f"adapter path {model.adapter} does not exist. Check --model.adapter.")
-        net = PeftModel.from_pretrained(net, model.adapter, is_trainable=ft_type in ("lora", "qlora"))
+        net = _load_adapter(net, model, finetune)
     elif ft_type in ("lora", "qlora"):
         net = add_lora(net, finetune, task=task, train_embeddings=resized, quantized=ft_type == "qlora",
                        gradient_checkpointing=gradient_checkpointing)
+    return net
+
+
+def _load_adapter(net, model: ModelArgs, finetune):
+    """Base + adapter. LoRA/QLoRA keep training the adapter; inference (no `finetune`) keeps it frozen.
+
+    Full fine-tuning folds the adapter into the weights and then trains every weight: the run starts from the
+    model the adapter made (e.g. the SFT model) and saves a plain full model. One rule for every stage."""
+    from peft import PeftModel
+
+    ft_type = getattr(finetune, "type", None)
+    try:
+        net = PeftModel.from_pretrained(net, model.adapter, is_trainable=ft_type in ("lora", "qlora"))
+    except (RuntimeError, ValueError) as e:  # peft: size mismatch (or missing modules) on another base model
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        detail = next((line for line in lines if "size mismatch" in line), lines[0])[:300]
+        trained_on = _read_json(Path(model.adapter) / ADAPTER_CONFIG).get("base_model_name_or_path")
+        raise MedGPTError(f"the adapter {model.adapter} does not fit the base {model.name_or_path} ({detail}). Pass "
+                          f"the base the adapter was trained on (its {ADAPTER_CONFIG} says {trained_on!r}).") from None
+    if ft_type == "full":
+        log(f"--finetune.type full with --model.adapter: merged {model.adapter} into the base; every weight trains")
+        net = net.merge_and_unload().requires_grad_(True)
     return net
 
 

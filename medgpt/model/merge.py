@@ -22,20 +22,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from medgpt.args import ModelArgs
 from medgpt.config import arg, save_config, section
+from medgpt.model.load import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter
+from medgpt.model.load import MERGED_MARKER as MARKER  # key in the merged config.json: which adapters went in
+from medgpt.outdir import check_output_dir as check_output_dir_
+from medgpt.outdir import final_save, prepare_output_dir
 from medgpt.utils import MedGPTError, log
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-MARKER = "merged_from"  # key in the merged config.json: which adapters went into these weights
 
 
 @dataclass
@@ -70,15 +67,9 @@ def run(cfg: Config) -> int:
                                 dtype=_keep_dtype(cfg.model.dtype, base_cfg))
     tokenizer = load_tokenizer(margs)  # the adapter dir's tokenizer (with the trained chat template) wins
     log(f"merging {adapter_dir} into {base} ({task}, {margs.dtype})")
-    try:
-        model = load_model(margs, None, task=task, num_labels=shapes.get("num_labels", 1),
-                           vocab_size=shapes.get("vocab_size"))
-    except RuntimeError as e:  # peft: size mismatch when the adapter was trained on another model
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        detail = next((line for line in lines if "size mismatch" in line), lines[0])[:300]
-        raise MedGPTError(f"the adapter {adapter_dir} does not fit the base {base} ({detail}). Pass the base the "
-                          f"adapter was trained on (its adapter_config.json says "
-                          f"{adapter_cfg.get('base_model_name_or_path')!r}).") from None
+    # An adapter of another model is refused inside load_model (load._load_adapter), naming both.
+    model = load_model(margs, None, task=task, num_labels=shapes.get("num_labels", 1),
+                       vocab_size=shapes.get("vocab_size"))
     if _quantization(model.config):
         raise _quantized_error(base, adapter_cfg)
 
@@ -89,7 +80,8 @@ def run(cfg: Config) -> int:
     history = list(getattr(merged.config, MARKER, None) or [])
     setattr(merged.config, MARKER, history + [{"adapter": str(adapter_dir), "adapter_sha256": fingerprint,
                                                "base": base}])
-    with _staging(out) as tmp:
+    prepare_output_dir(out, cfg.overwrite, command="merge")
+    with final_save(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         save_config(cfg, tmp / "config.yaml")
@@ -98,30 +90,6 @@ def run(cfg: Config) -> int:
 
 
 # ----------------------------------------------------------------------------- checks (before any model loads)
-
-def check_adapter(path: str | None) -> tuple[Path, dict]:
-    """The adapter dir and its adapter_config.json, or a clear error (missing, a merged model, not an adapter)."""
-    if not path:
-        raise MedGPTError("no adapter given. Add --model.adapter DIR (the output dir of a LoRA/QLoRA training run).")
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise MedGPTError(f"adapter directory {path} does not exist. Check --model.adapter (the output dir of a "
-                          f"LoRA/QLoRA run, which holds adapter_config.json and adapter_model.safetensors).")
-    conf = p / ADAPTER_CONFIG
-    if not conf.is_file():
-        if MARKER in _read_json(p / "config.json"):
-            raise MedGPTError(f"{path} is an already merged model, not an adapter: it has no {ADAPTER_CONFIG} and "
-                              f"nothing left to merge. Use it directly (medgpt chat --model.name_or_path {path}).")
-        if (p / "config.json").is_file():
-            raise MedGPTError(f"{path} is a full model, not a LoRA adapter (no {ADAPTER_CONFIG}): a full "
-                              f"fine-tuning run needs no merge. Use it directly as --model.name_or_path.")
-        raise MedGPTError(f"{path} is not a LoRA adapter: it has no {ADAPTER_CONFIG}. Pass the output dir of a "
-                          f"run with --finetune.type lora or qlora.")
-    if not any((p / w).is_file() for w in ADAPTER_WEIGHTS):
-        raise MedGPTError(f"{path} has {ADAPTER_CONFIG} but no adapter weights ({ADAPTER_WEIGHTS[0]}); the run "
-                          f"that wrote it may not have finished. Point --model.adapter at a complete adapter.")
-    return p.resolve(), _read_json(conf)
-
 
 def adapter_task(adapter_cfg: dict, adapter_dir: Path) -> str:
     """causal_lm or seq_cls, from the adapter's task_type (older adapters without one: a `score` head means seq_cls)."""
@@ -166,9 +134,7 @@ def check_output_dir(path: str, overwrite: bool, sources: list[Path]) -> Path:
         if src.exists() and out.resolve() == src.resolve():
             raise MedGPTError(f"--output_dir {out} is the base or adapter being merged; write the merged model to "
                               f"a new directory.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MedGPTError(f"output directory {out} is not empty. Pass --overwrite to replace it, or choose "
-                          f"another --output_dir.")
+    check_output_dir_(out, overwrite)  # refused now, before any model loads; taken only to save (run)
     return out
 
 
@@ -230,31 +196,3 @@ def _keep_dtype(requested: str, base_cfg: dict) -> str:
         return requested
     saved = base_cfg.get("dtype") or base_cfg.get("torch_dtype")
     return saved if saved in ("float32", "bfloat16", "float16") else "auto"
-
-
-class _staging:
-    """A temp dir beside `out`; renamed to `out` (replacing it) only when the block finishes without error."""
-
-    def __init__(self, out: Path):
-        self.out = out
-
-    def __enter__(self) -> Path:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.merging-", dir=self.out.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a model dir should read like any other
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return False

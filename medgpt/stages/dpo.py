@@ -45,18 +45,19 @@ LOGGED = ("rewards/", "logps/", "logits/")  # TRL's per-step preference metrics,
 
 @dataclass
 class DPOArgs:
-    beta: float = arg(0.1, "β: how far the policy may move from the reference (higher: less). For ipo it is τ.")
+    beta: float = arg(0.1, "β: how far the policy may move from the reference (higher: less). For ipo it is τ.",
+                      above=0)
     loss_type: list[LossType] = arg(factory=lambda: ["sigmoid"], help="Loss, or several summed with "
                                     "loss_weights: sigmoid (DPO), ipo, hinge (SLiC), robust, exo_pair, nca_pair, "
                                     "bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, "
                                     "sigmoid_norm, sft (NLL of the chosen reply). MPO: sigmoid,bco_pair,sft.")
-    loss_weights: list[float] = arg(factory=list, help="One weight per loss_type entry (default: all 1).")
+    loss_weights: list[float] = arg(factory=list, help="One weight per loss_type entry (default: all 1).", min=0)
     label_smoothing: float = arg(0.0, "Probability that a pair's label is flipped (robust: in [0, 0.5), e.g. 0.1; "
-                                 "exo_pair: ε > 0, e.g. 1e-3).")
+                                 "exo_pair: ε > 0, e.g. 1e-3).", min=0, max=0.5)
     rpo_alpha: Optional[float] = arg(None, "RPO: also minimize rpo_alpha × the NLL of the chosen reply (TRL's `sft` "
-                                     "loss added with this weight; the paper uses 1.0). None: off.")
+                                     "loss added with this weight; the paper uses 1.0). None: off.", min=0)
     max_prompt_length: Optional[int] = arg(None, "Longest prompt in tokens; longer prompts lose their oldest "
-                                           "exchanges (whole turns). None: only --train.max_length applies.")
+                                           "exchanges (whole turns). None: only --train.max_length applies.", min=1)
     precompute_ref_log_probs: bool = arg(False, "Compute reference log-probs once before training, so full "
                                          "fine-tuning needs no second model copy in memory.")
 
@@ -137,12 +138,8 @@ def run(cfg: Config) -> int:
     from medgpt.model.load import load_model, load_tokenizer
 
     loss_types, loss_weights = losses(cfg.dpo)
-    if cfg.finetune.type == "full" and cfg.model.adapter:
-        raise MedGPTError("--model.adapter with --finetune.type full: a full fine-tune cannot continue a LoRA "
-                          "adapter. Merge it first (`medgpt merge`) and pass the merged dir as --model.name_or_path, "
-                          "or use --finetune.type lora to keep training the adapter.")
     # Data first: a bad file fails in seconds, before any model loads.
-    train_records, eval_records = load_splits(cfg.data, "preference", purpose="dpo", seed=cfg.train.seed)
+    train_records, eval_records, invalid = load_splits(cfg.data, "preference", purpose="dpo", seed=cfg.train.seed)
     from trl import DPOConfig, DPOTrainer
 
     out = R.start(cfg)
@@ -173,10 +170,11 @@ def run(cfg: Config) -> int:
     )
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[R.checkpoint_callback()])
-    result = trainer.train(resume_from_checkpoint=R.resume_checkpoint(cfg, out))
+    result = R.train(trainer, cfg, out)
     metrics = {**last_logged(trainer.state.log_history), **result.metrics}  # rewards/accuracies, margins, ...
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
+    metrics["invalid_records"] = invalid  # skipped by load_splits (--data.max_invalid)
     R.save_artifacts(trainer, tokenizer, out, metrics)
     return 0
 

@@ -42,15 +42,15 @@ UNPAIRED = "unpaired records {prompt, completion, label: true|false}"
 
 @dataclass
 class KTOArgs:
-    beta: float = arg(0.1, "β: how far the policy may move from the reference (higher: less).")
+    beta: float = arg(0.1, "β: how far the policy may move from the reference (higher: less).", above=0)
     desirable_weight: Optional[float] = arg(None, "λ_D, the weight of desirable examples. None: balanced "
-                                            "automatically from the desirable/undesirable counts.")
+                                            "automatically from the desirable/undesirable counts.", above=0)
     undesirable_weight: Optional[float] = arg(None, "λ_U, the weight of undesirable examples. None: balanced "
-                                              "automatically from the desirable/undesirable counts.")
+                                              "automatically from the desirable/undesirable counts.", above=0)
     loss_type: Literal["kto", "apo_zero_unpaired"] = arg("kto", "kto, or apo_zero_unpaired (APO-zero: no KL "
                                                          "estimate; for answers better than the model's own).")
     max_prompt_length: Optional[int] = arg(None, "Longest prompt in tokens; longer prompts lose their oldest "
-                                           "exchanges (whole turns). None: only --train.max_length applies.")
+                                           "exchanges (whole turns). None: only --train.max_length applies.", min=1)
     precompute_ref_log_probs: bool = arg(False, "Compute reference log-probs once before training, so full "
                                          "fine-tuning needs no second model copy in memory.")
 
@@ -101,56 +101,63 @@ def _has_label(path: str, data: DataArgs) -> bool:
     return isinstance(first, dict) and "label" in first
 
 
-def _read_unpaired(paths: list[str], data: DataArgs) -> list[list[dict]]:
+def _read_unpaired(paths: list[str], data: DataArgs) -> tuple[list[list[dict]], int]:
+    """Unpaired examples, and how many invalid records were skipped (see validate.tolerate)."""
     from medgpt.data.formats import RecordError
     from medgpt.data.readers import iter_records
+    from medgpt.data.validate import tolerate
 
-    units, problems = [], []
+    units, problems, n_read = [], [], 0
     for raw in iter_records(paths, data.encoding, data.text_mode):
         if data.max_samples is not None and len(units) >= data.max_samples:
             break
+        if raw.fatal:  # the rest of the file is unreadable: never skipped as one bad record
+            raise MedGPTError(f"{raw.file}:{raw.line}: {raw.error}")
+        n_read += 1
         try:
             if raw.error is not None:
                 raise RecordError(raw.error)
             units.append([unpaired_example(raw.obj, data.columns)])
         except RecordError as e:
             problems.append(f"{raw.file}:{raw.line}: {e}")
-    if problems:
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise MedGPTError(f"the data has {len(problems)} error{'s' if len(problems) != 1 else ''}:\n  "
-                          + "\n  ".join(problems[:10]) + more + f"\nkto reads files with a `label` key as "
-                          f"{UNPAIRED}; fix the records above.")
-    return units
+    tolerate(problems, len(problems), n_read, data.max_invalid, paths,
+             hint=f"kto reads files with a `label` key as {UNPAIRED}.")
+    return units, len(problems)
 
 
-def load_units(specs: list[str], data: DataArgs) -> list[list[dict]]:
-    """KTO examples grouped by source record: [pair's chosen, pair's rejected] or [one unpaired example]."""
+def load_units(specs: list[str], data: DataArgs) -> tuple[list[list[dict]], int]:
+    """KTO examples grouped by source record: [pair's chosen, pair's rejected] or [one unpaired example]; and
+    how many invalid records were skipped."""
     from medgpt.data.readers import expand_paths
-    from medgpt.data.validate import load_records
+    from medgpt.data.validate import load_tolerant
 
     paths = expand_paths(specs)
     labelled = [p for p in paths if _has_label(p, data)]
     pairs = [p for p in paths if p not in labelled]
-    units = _read_unpaired(labelled, data) if labelled else []
+    units, invalid = _read_unpaired(labelled, data) if labelled else ([], 0)
     if pairs:
-        records = load_records(pairs, "preference", format=data.format, columns=data.columns, encoding=data.encoding,
-                               text_mode=data.text_mode, max_samples=data.max_samples,
-                               purpose=f"kto (which also reads {UNPAIRED})")
+        records, skipped = load_tolerant(pairs, "preference", format=data.format, columns=data.columns,
+                                         encoding=data.encoding, text_mode=data.text_mode,
+                                         max_samples=data.max_samples, max_invalid=data.max_invalid,
+                                         purpose=f"kto (which also reads {UNPAIRED})")
+        invalid += skipped
         units += [[{"prompt": r["prompt"], "completion": r["chosen"], "label": True},
                    {"prompt": r["prompt"], "completion": r["rejected"], "label": False}] for r in records]
-    return units[:data.max_samples] if data.max_samples is not None else units
+    return (units[:data.max_samples] if data.max_samples is not None else units), invalid
 
 
-def load_examples(data: DataArgs, seed: int) -> tuple[list[dict], list[dict]]:
-    """Train and eval examples, each shuffled; an eval_split holds out whole records (both halves of a pair)."""
+def load_examples(data: DataArgs, seed: int) -> tuple[list[dict], list[dict], int]:
+    """Train and eval examples, each shuffled, and the number of invalid records skipped; an eval_split holds
+    out whole records (both halves of a pair)."""
     if not data.train_files:
         raise MedGPTError(f"no training data given. Add --data.train_files FILES (kto needs preference records "
                           f"{{prompt, chosen, rejected}} or {UNPAIRED}).")
     rng = random.Random(seed)
-    train = load_units(data.train_files, data)
+    train, invalid = load_units(data.train_files, data)
     rng.shuffle(train)
     if data.eval_files:
-        held = load_units(data.eval_files, data)
+        held, more = load_units(data.eval_files, data)
+        invalid += more
     elif data.eval_split > 0 and len(train) > 1:
         n_eval = max(1, int(len(train) * data.eval_split))
         held, train = train[:n_eval], train[n_eval:]
@@ -158,7 +165,7 @@ def load_examples(data: DataArgs, seed: int) -> tuple[list[dict], list[dict]]:
         held = []
     train_examples, eval_examples = [x for u in train for x in u], [x for u in held for x in u]
     rng.shuffle(train_examples)  # halves of a pair apart: KL estimates should not pair an answer with its twin
-    return train_examples, eval_examples
+    return train_examples, eval_examples, invalid
 
 
 def examples_dataset(examples: list[dict], template, tokenizer, max_length: int, max_prompt_length: int | None,
@@ -230,12 +237,8 @@ def run(cfg: Config) -> int:
     if cfg.kto.loss_type == "kto" and cfg.train.batch_size < 2:
         raise MedGPTError("--kto.loss_type kto needs --train.batch_size >= 2: the KL estimate scores each prompt "
                           "with another example's answer from the same batch.")
-    if cfg.finetune.type == "full" and cfg.model.adapter:
-        raise MedGPTError("--model.adapter with --finetune.type full: a full fine-tune cannot continue a LoRA "
-                          "adapter. Merge it first (`medgpt merge`) and pass the merged dir as --model.name_or_path, "
-                          "or use --finetune.type lora to keep training the adapter.")
     # Data first: a bad file fails in seconds, before any model loads.
-    train_examples, eval_examples = load_examples(cfg.data, cfg.train.seed)
+    train_examples, eval_examples, invalid = load_examples(cfg.data, cfg.train.seed)
     from trl import KTOConfig, KTOTrainer
 
     out = R.start(cfg)
@@ -266,10 +269,11 @@ def run(cfg: Config) -> int:
     )
     trainer = KTOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[R.checkpoint_callback()])
-    result = trainer.train(resume_from_checkpoint=R.resume_checkpoint(cfg, out))
+    result = R.train(trainer, cfg, out)
     metrics = {k: v for h in trainer.state.log_history for k, v in h.items() if k.startswith(LOGGED)}
     metrics.update(result.metrics, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
+    metrics["invalid_records"] = invalid  # skipped while loading (--data.max_invalid)
     R.save_artifacts(trainer, tokenizer, out, metrics)
     return 0

@@ -26,11 +26,13 @@ from medgpt.config import arg, section
 
 @dataclass
 class SimPOArgs:
-    beta: float = arg(2.0, "β: scale of the length-averaged log-prob reward (paper: 2.0-10).")
-    gamma: float = arg(0.5, "γ: the absolute target reward margin (not γ/β; a gamma_beta_ratio r is γ = r·β).")
+    beta: float = arg(2.0, "β: scale of the length-averaged log-prob reward (paper: 2.0-10).", above=0)
+    gamma: float = arg(0.5, "γ: the absolute target reward margin (not γ/β; a gamma_beta_ratio r is γ = r·β).",
+                       min=0)
     loss_type: Literal["sigmoid", "hinge"] = arg("sigmoid", "sigmoid: -log σ(z) (the paper); hinge: max(0, 1 - z).")
-    label_smoothing: float = arg(0.0, "ε in [0, 0.5): assume this share of labels is flipped (sigmoid loss only).")
-    sft_weight: float = arg(0.0, "Weight of an NLL term on the chosen reply (CPO-style); 0 is plain SimPO.")
+    label_smoothing: float = arg(0.0, "ε in [0, 0.5): assume this share of labels is flipped (sigmoid loss only).",
+                                 min=0, below=0.5)
+    sft_weight: float = arg(0.0, "Weight of an NLL term on the chosen reply (CPO-style); 0 is plain SimPO.", min=0)
 
 
 @dataclass
@@ -61,14 +63,10 @@ def simpo_objective(chosen_logps_avg, rejected_logps_avg, chosen_nll, *, args: S
 def check_args(args: SimPOArgs) -> None:
     from medgpt.utils import MedGPTError
 
-    if not 0 <= args.label_smoothing < 0.5:
-        raise MedGPTError(f"--simpo.label_smoothing {args.label_smoothing} is out of range: use a value in [0, 0.5) "
-                          f"(the share of pairs assumed mislabelled; 0 turns smoothing off).")
+    # The ranges of label_smoothing and beta are checked with every other value (config.check_range).
     if args.label_smoothing and args.loss_type == "hinge":
         raise MedGPTError("--simpo.label_smoothing only applies to --simpo.loss_type sigmoid; the hinge loss has no "
                           "smoothing. Set one of them back (label_smoothing 0, or loss_type sigmoid).")
-    if args.beta <= 0:
-        raise MedGPTError(f"--simpo.beta {args.beta} must be positive (the paper uses 2.0-10).")
 
 
 def run(cfg: Config) -> int:
@@ -82,7 +80,7 @@ def run(cfg: Config) -> int:
 
     check_args(cfg.simpo)
     # Data first: a bad file fails in seconds, before any model loads.
-    train_records, eval_records = load_splits(cfg.data, "preference", purpose="simpo", seed=cfg.train.seed)
+    train_records, eval_records, invalid = load_splits(cfg.data, "preference", purpose="simpo", seed=cfg.train.seed)
     from transformers import TrainingArguments
 
     from medgpt.preference import PreferenceCollator, PreferenceTrainer, preference_dataset
@@ -103,9 +101,10 @@ def run(cfg: Config) -> int:
                                 train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                                 data_collator=PreferenceCollator(tokenizer.pad_token_id),
                                 callbacks=[R.checkpoint_callback()])
-    result = trainer.train(resume_from_checkpoint=R.resume_checkpoint(cfg, out))
+    result = R.train(trainer, cfg, out)
     metrics = {**trainer.last_train_metrics, **result.metrics}  # rewards/* and nll of the last log window
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
+    metrics["invalid_records"] = invalid  # skipped by load_splits (--data.max_invalid)
     R.save_artifacts(trainer, tokenizer, out, metrics)
     return 0

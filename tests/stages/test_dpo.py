@@ -101,7 +101,7 @@ def test_adapter_continues_and_reference_is_the_adapter(tiny_llama, tmp_path, tr
     (["--dpo.loss_type", "exo_pair"], "needs --dpo.label_smoothing > 0"),
     (["--dpo.loss_type", "dpo"], "not one of: sigmoid, hinge"),
     (["--dpo.rpo_alpha", "1", "--dpo.loss_type", "sigmoid,sft"], "already has"),
-    (["--finetune.type", "full", "--model.adapter", "x"], "Merge it first"),
+    (["--finetune.type", "full", "--model.adapter", "x"], "adapter directory x does not exist"),
 ])
 def test_refusals(argv, needle, tiny_llama, tmp_path, capsys):
     base = ["dpo", "--model.name_or_path", str(tiny_llama), "--data.train_files", DATA, "--template", "chatml",

@@ -113,7 +113,7 @@ def test_bad_unpaired_records_name_the_line(bad, needle, tiny_llama, tmp_path, c
 
 @pytest.mark.parametrize("argv, needle", [
     (["--train.batch_size", "1"], "needs --train.batch_size >= 2"),
-    (["--finetune.type", "full", "--model.adapter", "x"], "Merge it first"),
+    (["--finetune.type", "full", "--model.adapter", "x"], "adapter directory x does not exist"),
 ])
 def test_refusals(argv, needle, tiny_llama, tmp_path, capsys):
     base = ["kto", "--model.name_or_path", str(tiny_llama), "--data.train_files", PAIRS,

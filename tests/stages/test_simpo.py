@@ -40,9 +40,9 @@ def test_objective_adds_weighted_nll():
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--simpo.label_smoothing", "0.6"], "out of range"),
+    (["--simpo.label_smoothing", "0.6"], "must be at least 0 and below 0.5"),
     (["--simpo.loss_type", "hinge", "--simpo.label_smoothing", "0.1"], "only applies to"),
-    (["--simpo.beta", "0"], "must be positive"),
+    (["--simpo.beta", "0"], "must be above 0"),
 ])
 def test_bad_options_fail_before_loading(flags, needle, tmp_path, capsys):
     code = main(["simpo", "--model.name_or_path", str(tmp_path / "none"), "--data.train_files", "x.jsonl",
