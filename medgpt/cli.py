@@ -164,7 +164,13 @@ def main(argv: list[str] | None = None) -> int:
             print(format_help(config_cls, name, getattr(module, cmd.run).__doc__ or module.__doc__ or ""))
             return 0
         cfg = parse_argv(config_cls, rest, positional=cmd.positional)
-        result = getattr(module, cmd.run)(cfg)
+        try:
+            result = getattr(module, cmd.run)(cfg)
+        except BaseException:
+            from medgpt.outdir import abandon
+
+            abandon()
+            raise
     except MedGPTError as e:
         return fail(str(e))
     except KeyboardInterrupt:

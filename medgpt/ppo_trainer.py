@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from medgpt import losses as L
-from medgpt.run import COMPLETE, completed_checkpoints, plot_loss
+from medgpt.outdir import claim
+from medgpt.run import COMPLETE, completed_checkpoints, final_save, plot_loss
 from medgpt.utils import MedGPTError, atomic_write, is_main_process, log, write_json
 
 def disable_dropout(model) -> None:
@@ -205,7 +206,8 @@ class PPOTrainer:
                     for k, t in stats.items():
                         sums[k] = sums.get(k, 0.0) + float(t.detach())
                     count += 1
-                torch.nn.utils.clip_grad_norm_(self.params, self.train_args.max_grad_norm)
+                if self.train_args.max_grad_norm > 0:  # 0: no clipping (clip_grad_norm_ would zero every gradient)
+                    torch.nn.utils.clip_grad_norm_(self.params, self.train_args.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         return {k: v / max(count, 1) for k, v in sums.items()}
@@ -280,6 +282,7 @@ class PPOTrainer:
         if not is_main_process():
             return
         ckpt = self.out / f"checkpoint-{self.step}"
+        claim(self.out, ckpt.name)  # before writing: a kill mid-save leaves a checkpoint --resume may remove
         shutil.rmtree(ckpt, ignore_errors=True)
         ckpt.mkdir(parents=True)
         self.save_models(ckpt)
@@ -316,11 +319,13 @@ class PPOTrainer:
     def save_final(self, tokenizer, metrics: dict) -> None:
         if not is_main_process():
             return
-        self.save_models(self.out)
-        tokenizer.save_pretrained(self.out)
-        write_json(self.out / "metrics.json", metrics)
-        write_json(self.out / "trainer_state.json", self.state())
-        plot_loss(self.history, self.out / "loss.png", keys=("score", "policy_loss", "value_loss"))
+        with final_save(self.out) as staging:
+            self.save_models(staging)
+            tokenizer.save_pretrained(staging)
+            write_json(staging / "metrics.json", metrics)
+            write_json(staging / "trainer_state.json", self.state())
+            plot_loss(self.history, staging / "loss.png", keys=("score", "policy_loss", "value_loss"),
+                      title=self.out.name)
         log(f"saved policy, value_model/, tokenizer, metrics.json, trainer_state.json and loss.png to {self.out}")
 
 

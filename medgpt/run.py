@@ -8,19 +8,22 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from medgpt.config import save_config, to_dict
-from medgpt.utils import MedGPTError, atomic_write, is_main_process, log, prepare_output_dir, write_json
+from medgpt.outdir import claim, final_save, owns, prepare_output_dir
+from medgpt.utils import MedGPTError, atomic_write, is_main_process, log, write_json
 
 COMPLETE = ".complete"  # written into checkpoint-N once everything in it is on disk
+CHECKPOINT = re.compile(r"checkpoint-\d+")
 
 
 # ----------------------------------------------------------------------------- start
 
-def start(cfg) -> Path:
+def start(cfg, command: str = "") -> Path:
     """Prepare the output dir, seed everything, save and print the resolved config."""
     import torch
     from transformers import set_seed
@@ -31,17 +34,13 @@ def start(cfg) -> Path:
     # to zero keeps the first speed. The flag is per thread and torch's worker threads inherit it when they are
     # created, so it is set here, before any model work starts them.
     torch.set_flush_denormal(True)
-    # Only rank 0 judges whether the dir is empty: the others could already see its config.yaml and refuse.
-    # When rank 0 refuses, the launcher (torchrun, accelerate) stops the other ranks.
-    out = prepare_output_dir(cfg.output_dir, cfg.overwrite or not is_main_process(), getattr(cfg, "resume", False))
+    # Only rank 0 judges the dir (outdir.prepare_output_dir); when it refuses, the launcher (torchrun,
+    # accelerate) stops the other ranks. --overwrite removes only what an earlier medgpt run wrote there.
+    command = command or type(cfg).__module__.rsplit(".", 1)[-1]
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite, getattr(cfg, "resume", False), command)
     set_seed(cfg.train.seed)
     if is_main_process():
-        if cfg.overwrite and not getattr(cfg, "resume", False):
-            # The overwritten run's checkpoints must not be resumed from later, nor rotated against this run's.
-            for old in sorted(out.glob("checkpoint-*")):
-                if old.is_dir():
-                    log(f"--overwrite: removing {old.name} of the earlier run")
-                    shutil.rmtree(old, ignore_errors=True)
+        claim(out, "config.yaml", "runs", "README.md")  # runs/: TensorBoard; README.md: the model card of a save
         save_config(cfg, out / "config.yaml")
         log(json.dumps(to_dict(cfg), ensure_ascii=False, indent=1))
     return out
@@ -125,9 +124,14 @@ def trainer_kwargs(train, out: Path, has_eval: bool = False) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def completed_checkpoints(out: Path) -> list[Path]:
-    ckpts = [p for p in out.glob("checkpoint-*") if p.is_dir() and (p / COMPLETE).exists()]
+def _checkpoints(out: Path) -> list[Path]:
+    """checkpoint-N dirs of this output that a medgpt run recorded as its own (outdir.claim), by step."""
+    ckpts = [p for p in out.glob("checkpoint-*") if CHECKPOINT.fullmatch(p.name) and p.is_dir() and owns(out, p.name)]
     return sorted(ckpts, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def completed_checkpoints(out: Path) -> list[Path]:
+    return [p for p in _checkpoints(out) if (p / COMPLETE).exists()]
 
 
 def resume_checkpoint(cfg, out: Path) -> str | None:
@@ -136,8 +140,8 @@ def resume_checkpoint(cfg, out: Path) -> str | None:
         return None
     done = completed_checkpoints(out)
     if is_main_process():
-        for p in out.glob("checkpoint-*"):
-            if p.is_dir() and p not in done:
+        for p in _checkpoints(out):
+            if p not in done:
                 log(f"removing incomplete checkpoint {p.name} (the run stopped while writing it)")
                 shutil.rmtree(p, ignore_errors=True)
     if not done:
@@ -147,11 +151,41 @@ def resume_checkpoint(cfg, out: Path) -> str | None:
     return str(done[-1])
 
 
+def train(trainer, cfg, out: Path):
+    """trainer.train(), resuming from the last complete checkpoint with --resume.
+
+    A checkpoint taken at the last step (max_steps reached) is restored, not resumed: the Trainer would train one
+    step past max_steps from it (it checks for the end only after a step)."""
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    ckpt = resume_checkpoint(cfg, out)
+    state_file = Path(ckpt or "") / "trainer_state.json"
+    if ckpt and state_file.is_file():
+        state = TrainerState.load_from_json(str(state_file))
+        last = cfg.train.max_steps if cfg.train.max_steps > 0 else state.max_steps  # this run's, else that run's
+        if last and state.global_step >= last:
+            log(f"{Path(ckpt).name} is the last step ({state.global_step} of max_steps {last}): "
+                f"restoring it, nothing left to train")
+            trainer._load_from_checkpoint(ckpt)
+            trainer.state = state
+            losses = [h["loss"] for h in state.log_history if "loss" in h]
+            train_loss = sum(losses) / len(losses) if losses else float("nan")
+            return TrainOutput(state.global_step, train_loss, {"train_loss": train_loss})
+    return trainer.train(resume_from_checkpoint=ckpt)
+
+
 def checkpoint_callback():
     """Marks checkpoint-N complete after the Trainer has written all of it (weights, optimizer, RNG, state)."""
     from transformers import TrainerCallback
 
     class MarkComplete(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            # Recorded before the Trainer writes it, so a kill mid-save leaves a checkpoint --resume may remove.
+            if control.should_save and state.is_world_process_zero:
+                claim(args.output_dir, f"checkpoint-{state.global_step}")
+            return control
+
         def on_save(self, args, state, control, **kwargs):
             import torch.distributed as dist
 
@@ -169,22 +203,24 @@ def checkpoint_callback():
 # ----------------------------------------------------------------------------- artifacts
 
 def save_artifacts(trainer, tokenizer, out: Path, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Final weights (safetensors) + tokenizer with its chat template + metrics.json + loss.png."""
+    """Final weights (safetensors) + tokenizer with its chat template + metrics.json + loss.png (final_save)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     if "ref" in getattr(model, "peft_config", {}):
         # TRL's frozen copy of the starting adapter (the DPO/KTO/GRPO/RLOO reference) is not part of the result;
         # checkpoints keep it, so --resume still has its reference.
         model.delete_adapter("ref")
-    trainer.save_model(str(out))
-    if is_main_process():
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out)
-        history = trainer.state.log_history
-        metrics = {k: v for k, v in metrics.items() if _jsonable(v)}
-        metrics["global_step"] = trainer.state.global_step
-        write_json(out / "metrics.json", metrics)
-        plot_loss(history, out / "loss.png")
-        log(f"saved model, tokenizer, metrics.json and loss.png to {out}")
+    metrics = {k: v for k, v in metrics.items() if _jsonable(v)}
+    metrics["global_step"] = trainer.state.global_step
+    with final_save(out) as staging:
+        trainer.accelerator.wait_for_everyone()  # rank 0 has made the staging dir
+        trainer.save_model(str(staging))
+        if is_main_process():
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            write_json(staging / "metrics.json", metrics)
+            plot_loss(trainer.state.log_history, staging / "loss.png", title=out.name)
+        trainer.accelerator.wait_for_everyone()  # every rank's shards are in it
+    log(f"saved model, tokenizer, metrics.json and loss.png to {out}")
     return metrics
 
 
@@ -192,7 +228,8 @@ def _jsonable(v) -> bool:
     return isinstance(v, (int, float, str, bool)) and not (isinstance(v, float) and not math.isfinite(v))
 
 
-def plot_loss(history: list[dict], path: Path, keys: tuple[str, ...] = ("loss", "eval_loss")) -> None:
+def plot_loss(history: list[dict], path: Path, keys: tuple[str, ...] = ("loss", "eval_loss"),
+              title: str | None = None) -> None:
     """Loss curves from the Trainer's log history (training loss and, when evaluated, eval loss)."""
     import matplotlib
 
@@ -211,7 +248,7 @@ def plot_loss(history: list[dict], path: Path, keys: tuple[str, ...] = ("loss", 
         ax.text(0.5, 0.5, "no loss logged", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title(path.parent.name)
+    ax.set_title(title or path.parent.name)
     ax.grid(alpha=0.3)
     if drawn:
         ax.legend()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -27,6 +29,43 @@ def log(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+_TEMP = re.compile(r"\.(?P<name>.+)\.medgpt-(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temps(directory: str | os.PathLike, name: str | None = None) -> list[str]:
+    """Remove the temp files a killed medgpt process left in `directory` (for `name`, or for any name).
+
+    Only files named by `temp_file` whose writing process is gone: another process's live temp file, and any
+    file of another name, stay."""
+    removed = []
+    for p in Path(directory).glob(f".{glob.escape(name) if name else '*'}.medgpt-*.tmp"):
+        m = _TEMP.fullmatch(p.name)
+        if (m and (name is None or m["name"] == name) and int(m["pid"]) != os.getpid() and not pid_alive(int(m["pid"]))
+                and p.is_file() and not p.is_symlink()):
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
+
+
+def temp_file(directory: str | os.PathLike, name: str) -> tuple[int, str]:
+    """A hidden temp file for `name` in `directory`: `.NAME.medgpt-PID.XXXXXXXX.tmp` (fd, path).
+
+    The pid in the name proves who wrote it: temp files that a killed run left for `name` are removed first
+    (remove_stale_temps)."""
+    remove_stale_temps(directory, name)
+    return tempfile.mkstemp(prefix=f".{name}.medgpt-{os.getpid()}.", suffix=".tmp", dir=directory)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """Open a temp file beside `path`; rename it over `path` only if the block finishes.
@@ -35,7 +74,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file(path.parent, path.name)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the result should read like any other file
@@ -55,20 +94,3 @@ def write_json(path: str | os.PathLike, obj) -> None:
     with atomic_write(path) as f:
         json.dump(obj, f, ensure_ascii=False, indent=2)
         f.write("\n")
-
-
-def prepare_output_dir(path: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create `path`; refuse a non-empty one unless the user asked to overwrite or resume into it."""
-    if not str(path):
-        raise MedGPTError("no output directory given. Add --output_dir DIR.")
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise MedGPTError(f"--output_dir {out} is a file, not a directory. Choose another path.")
-    # A dir holding only config.yaml is what a run that failed before training leaves: not worth protecting.
-    if out.is_dir() and any(p.name != "config.yaml" for p in out.iterdir()) and not (overwrite or resume):
-        raise MedGPTError(
-            f"output directory {out} is not empty. Pass --overwrite to write into it anyway, "
-            f"--resume to continue a run saved there, or choose another --output_dir."
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    return out

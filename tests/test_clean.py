@@ -263,8 +263,14 @@ def test_refuses_non_empty_output_dir(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert clean(src, "--output_dir", out) == 1
-    assert "not empty" in capsys.readouterr().err and not (out / "a.jsonl").exists()
+    for flag in ((), ("--overwrite",)):  # a folder medgpt did not write: refused either way, nothing touched
+        assert clean(src, "--output_dir", out, *flag) == 1
+        assert "medgpt did not write what it holds (keep.txt" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    out = tmp_path / "cleaned"
+    assert clean(src, "--output_dir", out) == 0
+    assert clean(src, "--output_dir", out) == 1 and "not empty" in capsys.readouterr().err
+    (out / "keep.txt").write_text("mine")  # the user's, added to our output later
     assert clean(src, "--output_dir", out, "--overwrite") == 0
     assert (out / "a.jsonl").is_file() and (out / "keep.txt").read_text() == "mine"
 

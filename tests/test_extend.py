@@ -189,6 +189,13 @@ def test_refuses_without_words(tokenizer_dir, tmp_path):
 def test_refuses_non_empty_output_dir(tokenizer_dir, words_file, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
+    for flag in ((), ("--overwrite",)):  # not a medgpt output: refused either way
+        with pytest.raises(MedGPTError, match="not empty, and medgpt did not write"):
+            _run("--model.name_or_path", tokenizer_dir, "--extend.words", words_file, "--output_dir", tmp_path / "out",
+                 *flag)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    (tmp_path / "out" / "keep.txt").unlink()
+    _run("--model.name_or_path", tokenizer_dir, "--extend.words", words_file, "--output_dir", tmp_path / "out")
     with pytest.raises(MedGPTError, match="not empty.*--overwrite"):
         _run("--model.name_or_path", tokenizer_dir, "--extend.words", words_file, "--output_dir", tmp_path / "out")
     _run("--model.name_or_path", tokenizer_dir, "--extend.words", words_file, "--output_dir", tmp_path / "out",

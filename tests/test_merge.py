@@ -162,12 +162,18 @@ def test_output_dir_needs_overwrite(lora_sft, tiny_llama, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
+    for flag in ((), ("--overwrite",)):  # a folder medgpt did not write is never merged into
+        with pytest.raises(MedGPTError, match="medgpt did not write what it holds \\(keep.txt"):
+            merge(tiny_llama, lora_sft, out, *flag)
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    out = tmp_path / "merged"
+    assert merge(tiny_llama, lora_sft, out) == 0
     with pytest.raises(MedGPTError, match="not empty.*--overwrite"):
         merge(tiny_llama, lora_sft, out)
-    assert (out / "keep.txt").exists()
+    (out / "notes.txt").write_text("mine")  # put there by the user after the first merge
     assert merge(tiny_llama, lora_sft, out, "--overwrite") == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "out"]  # no temp dir beside them
     with pytest.raises(MedGPTError, match="is the base or adapter"):
         merge(tiny_llama, lora_sft, lora_sft, "--overwrite")
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import sys
+import subprocess
+import os
 import json
 from pathlib import Path
 
@@ -75,7 +78,7 @@ def test_meta_fields_and_sha(tmp_path, tokenizer_dir, tokenizer):
         assert len(np.load(out / f"{split}.idx.npy")) == info["documents"]
         assert sum(len(d) for d in documents(out, split)) == info["tokens"]
     assert (out / "config.yaml").is_file()
-    assert not list(out.glob(".*"))  # no temp files left
+    assert [p.name for p in out.glob(".*")] == [".medgpt-output.json"]  # no temp files left, only our marker
 
 
 def test_val_split_is_deterministic(tmp_path, tokenizer_dir):
@@ -152,8 +155,10 @@ def test_refusals(tmp_path, tokenizer_dir, tokenizer):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(MedGPTError, match="not empty.*--overwrite"):
-        pack(tokenizer_dir, out, *DEMO)
+    for flag in ({}, {"overwrite": "true"}):  # a folder medgpt did not write is never packed into
+        with pytest.raises(MedGPTError, match="medgpt did not write what it holds \\(keep.txt"):
+            pack(tokenizer_dir, out, *DEMO, **flag)
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     with pytest.raises(MedGPTError, match="does not exist"):
         pack(tmp_path / "no-such-tokenizer", tmp_path / "o1", *DEMO)
     with pytest.raises(MedGPTError, match="needs text records.*chat"):
@@ -182,9 +187,11 @@ def test_truncated_bin_is_detected(tmp_path, tokenizer_dir):
         memmap.load_meta(out)
 
 
-def test_killed_run_leaves_no_meta_and_no_partial_files(tmp_path, tokenizer_dir, monkeypatch):
+def test_killed_overwrite_keeps_the_earlier_corpus(tmp_path, tokenizer_dir, monkeypatch):
+    """A pack --overwrite that dies mid-write leaves the earlier complete corpus readable, and no partial files."""
     out = tmp_path / "out"
     pack(tokenizer_dir, out, *DEMO)  # an older, complete pack that --overwrite replaces
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".medgpt-output.json"}
     calls = []
     real = SplitWriter.write
 
@@ -197,10 +204,25 @@ def test_killed_run_leaves_no_meta_and_no_partial_files(tmp_path, tokenizer_dir,
     monkeypatch.setattr(SplitWriter, "write", dying)
     with pytest.raises(KeyboardInterrupt):
         pack(tokenizer_dir, out, *DEMO, pack__batch_docs=50, overwrite="true")
-    assert not (out / memmap.META).exists()
-    assert not list(out.glob("*.bin")) and not list(out.glob("*.npy")) and not list(out.glob(".*"))
-    with pytest.raises(MedGPTError, match="not a packed corpus"):
-        memmap.load_meta(out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before
+    assert [p.name for p in out.glob(".*")] == [".medgpt-output.json"]  # no partial files
+    memmap.load_meta(out)  # still a readable corpus
+
+
+def test_kill9_temp_files_are_removed_by_the_next_run(tmp_path, tokenizer_dir):
+    """kill -9 leaves hidden temp files that nothing could clean before; the next run removes them (dead pid)."""
+    out = tmp_path / "out"
+    pack(tokenizer_dir, out, *DEMO)
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(proc.stdout)  # a pid that has exited
+    left = out / f".train.bin.medgpt-{dead}.abcd1234.tmp"
+    left.write_bytes(b"\0" * 1000)
+    alive = out / f".train.bin.medgpt-{os.getpid()}.abcd1234.tmp"  # a live process's temp file stays
+    alive.write_bytes(b"x")
+    user = out / ".train.bin.mine.tmp"  # not our naming: stays
+    user.write_bytes(b"x")
+    pack(tokenizer_dir, out, *DEMO, overwrite="true")
+    assert not left.exists() and alive.exists() and user.exists()
 
 
 def test_random_windows_use_every_start(tmp_path, tokenizer_dir):

@@ -49,34 +49,36 @@ MAX_LISTED = 200  # removed records / contamination hits listed by file:line in 
 @dataclass
 class CleanArgs:
     min_chars: int = arg(0, "Remove records whose text is shorter than this many characters (0: off). "
-                         "Off by default: a short answer is a fine chat record; try 200 for web text.")
-    max_chars: int = arg(100_000, "Remove records whose text is longer than this many characters (0: off).")
+                         "Off by default: a short answer is a fine chat record; try 200 for web text.", min=0)
+    max_chars: int = arg(100_000, "Remove records whose text is longer than this many characters (0: off).", min=0)
     max_dup_line_frac: float = arg(0.3, "Remove records in which more than this share of the lines repeat an "
-                                   "earlier line (Gopher uses 0.3; 1: off).")
+                                   "earlier line (Gopher uses 0.3; 1: off).", min=0, max=1)
     max_top_ngram_frac: float = arg(0.3, "Remove records whose most frequent n-gram (seen 3+ times) covers more "
                                     "than this share of a string: stutter like 好的好的好的 (Gopher: 0.16-0.20 "
-                                    "for word n-grams; 1: off).")
-    top_ngram: int = arg(4, "n for the top n-gram rule; units are words or single Chinese characters.")
+                                    "for word n-grams; 1: off).", min=0, max=1)
+    top_ngram: int = arg(4, "n for the top n-gram rule; units are words or single Chinese characters.", min=1)
     max_dup_ngram_frac: float = arg(0.3, "Remove records in which n-grams that occur more than once cover more "
-                                    "than this share of a string: a looping paragraph (Gopher: 0.10; 1: off).")
-    dup_ngram: int = arg(10, "n for the duplicate n-gram rule, in the same units.")
+                                    "than this share of a string: a looping paragraph (Gopher: 0.10; 1: off).",
+                                    min=0, max=1)
+    dup_ngram: int = arg(10, "n for the duplicate n-gram rule, in the same units.", min=1)
     exact_dedup: bool = arg(True, "Remove exact duplicates (normalised text) across all files.")
     near_dedup: bool = arg(True, "Remove near duplicates (MinHash + LSH), keeping the first of each group.")
     near_min_chars: int = arg(50, "Shorter records are left to exact dedup: with a handful of shingles one "
-                              "changed letter is another word (antibiotic, antibiotics).")
+                              "changed letter is another word (antibiotic, antibiotics).", min=0)
     near_threshold: float = arg(0.8, "Estimated Jaccard similarity of shingle sets at or above which a record "
-                                "is a near duplicate of an earlier one.")
-    shingle: int = arg(5, "Characters per shingle for near-dedup (5 suits Chinese and English alike).")
-    num_perm: int = arg(128, "MinHash permutations (signature length); more is more exact and slower.")
-    seed: int = arg(1, "Seed of the MinHash hash functions.")
-    scrub_pii: bool = arg(True, "Replace personal identifiers with [ID], [PHONE], [MRN], [EMAIL], [BANK_CARD], "
-                          "[DOB], [NAME] placeholders.")
-    pii_types: list[str] = arg(factory=lambda: ["all"], help="Which identifiers to scrub: all, or some of "
-                               "id, phone, mrn, email, bank_card, dob, name.")
+                                "is a near duplicate of an earlier one.", above=0, max=1)
+    shingle: int = arg(5, "Characters per shingle for near-dedup (5 suits Chinese and English alike).", min=1)
+    num_perm: int = arg(128, "MinHash permutations (signature length); more is more exact and slower.", min=1)
+    seed: int = arg(1, "Seed of the MinHash hash functions.", min=0, max=2**32 - 1)
+    scrub_pii: bool = arg(True, "Replace personal identifiers with [NAME], [ADDRESS], [PHONE], [ID], [MRN], "
+                          "[DOB], [EMAIL], ... placeholders (medgpt/data/pii.py).")
+    pii_types: list[str] = arg(factory=lambda: ["all"], help="Which identifiers to scrub: all, or some of id, phone, "
+                               "mrn, email, bank_card, dob, name, address, ssn, account, license, plate, device, "
+                               "url, ip.")
     eval_files: list[str] = arg(factory=list, help="Evaluation sets to check the training data against "
                                 "(any record format), e.g. data/demo/mcq.jsonl.")
     contamination_ngram: int = arg(13, "Units (a word, or one Chinese character) that an overlap must span. "
-                                   "Eval items shorter than this match only as a whole (if 8+ units).")
+                                   "Eval items shorter than this match only as a whole (if 8+ units).", min=1)
     drop_contaminated: bool = arg(False, "Remove training records that overlap an eval item (default: report).")
 
 
@@ -110,17 +112,12 @@ def record_text(rec: dict) -> str:
 
 
 def scrub_obj(obj, types, counts: Counter):
-    """Every string inside a raw record (any nesting) scrubbed; keys and non-strings untouched."""
-    from medgpt.data.pii import scrub
+    """Every string inside a raw record (any nesting) scrubbed; keys and non-strings untouched. The record is one
+    unit: a name found in one field is replaced in all of them."""
+    from medgpt.data.pii import scrub_record
 
-    if isinstance(obj, str):
-        text, found = scrub(obj, types)
-        counts.update(found)
-        return text
-    if isinstance(obj, dict):
-        return {k: scrub_obj(v, types, counts) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [scrub_obj(v, types, counts) for v in obj]
+    obj, found = scrub_record(obj, types)
+    counts.update(found)
     return obj
 
 
@@ -389,14 +386,16 @@ def _report(sources, dests, recs, hits, eval_items, c: CleanArgs, seconds: dict)
 def run(cfg: Config) -> int:
     """Deduplicate, filter and scrub data files into --output_dir (same formats), with report.json."""
     from medgpt.config import save_config
-    from medgpt.utils import prepare_output_dir, write_json
+    from medgpt.outdir import claim, mark_complete, prepare_output_dir
+    from medgpt.utils import write_json
 
     d, c = cfg.data, cfg.clean
     types = _check(cfg)
-    out = prepare_output_dir(cfg.output_dir, cfg.overwrite)
     clock = [time.perf_counter()]
     sources = _read(d.train_files, d)
-    dests = output_paths([path for path, _, _ in sources], out)
+    dests = output_paths([path for path, _, _ in sources], Path(cfg.output_dir))  # refuses to overwrite an input
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite, command="data clean")
+    claim(out, "report.json", "config.yaml", *{Path(p).relative_to(out).parts[0] for p in dests.values()})
     eval_items = []
     if c.eval_files:
         plain = DataArgs(encoding=d.encoding, text_mode=d.text_mode)  # eval sets: their own formats, no columns
@@ -427,6 +426,7 @@ def run(cfg: Config) -> int:
     report = _report(sources, dests, recs, hits, eval_items, c, seconds)
     write_json(out / "report.json", report)
     save_config(cfg, out / "config.yaml")
+    mark_complete(out)
     print(summary(report))
     return 0
 

@@ -36,7 +36,8 @@ from typing import Literal, Optional
 from medgpt.args import GenArgs, ModelArgs
 from medgpt.config import arg, save_config, section
 from medgpt.eval.benchmarks import SHAPES
-from medgpt.utils import MedGPTError, atomic_write, log, prepare_output_dir, write_json
+from medgpt.outdir import claim, mark_complete, prepare_output_dir
+from medgpt.utils import MedGPTError, atomic_write, log, write_json
 
 
 @dataclass
@@ -52,12 +53,12 @@ class EvalArgs:
     medmcqa_cop: Literal["auto", "0", "1"] = arg(
         "auto", "MedMCQA cop numbering: 1 (1-4, original JSON), 0 (0-3, Hugging Face release), auto (per file from "
         "the values seen).")
-    mcq_max_new_tokens: int = arg(16, "generate method: tokens generated per question.")
+    mcq_max_new_tokens: int = arg(16, "generate method: tokens generated per question.", min=1)
     text_files: list[str] = arg(factory=list, help="Held-out text for perplexity and bits per byte, per file.")
     text_mode: Literal["line", "paragraph", "file"] = arg(
         "line", "For .txt text files: one document per line, per blank-line-separated paragraph, or per file.")
     ppl_stride: int = arg(0, "Tokens predicted per window in documents longer than max_length (0: max_length - 1, "
-                          "disjoint windows; smaller: more context, slower).")
+                          "disjoint windows; smaller: more context, slower).", min=0)
     qa_files: list[str] = arg(factory=list, help="QA pairs for ROUGE-L: chat records (the last assistant turn is "
                               "the reference) or prompt records with an answer.")
     prompt_files: list[str] = arg(factory=list, help="Prompts both models answer for the win rate.")
@@ -65,20 +66,21 @@ class EvalArgs:
     compare_adapter: Optional[str] = arg(None, "A LoRA adapter on top of model B.")
     compare_template: Optional[str] = arg(None, "Model B's chat template (default: --template).")
     reward_model: Optional[str] = arg(None, "Reward model dir (`medgpt rm` output) that judges the win rate.")
-    tie_margin: float = arg(0.0, "Reward differences up to this count as a tie.")
+    tie_margin: float = arg(0.0, "Reward differences up to this count as a tie.", min=0)
     safety: bool = arg(False, "Run the safety probes (data/demo/safety.jsonl unless safety_files are given).")
     safety_files: list[str] = arg(factory=list, help="Safety probe files: {prompt, expected: urge_care|refuse|"
                                   "answer, category}.")
     lm_eval_tasks: list[str] = arg(factory=list, help="lm-evaluation-harness tasks to run too (needs "
                                    "`pip install lm-eval` and the hub).")
-    lm_eval_num_fewshot: Optional[int] = arg(None, "lm-eval: few-shot examples (default: each task's own).")
-    lm_eval_limit: Optional[float] = arg(None, "lm-eval: at most this many examples per task (< 1: a fraction).")
+    lm_eval_num_fewshot: Optional[int] = arg(None, "lm-eval: few-shot examples (default: each task's own).", min=0)
+    lm_eval_limit: Optional[float] = arg(None, "lm-eval: at most this many examples per task (< 1: a fraction).",
+                                         above=0)
     lm_eval_chat_template: bool = arg(False, "lm-eval: render prompts with the tokenizer's chat template.")
     system: Optional[str] = arg(None, "A system prompt for every question and prompt.")
-    batch_size: int = arg(16, "Rows per forward pass / generation batch.")
+    batch_size: int = arg(16, "Rows per forward pass / generation batch.", min=1)
     max_length: int = arg(2048, "Longest scored sequence (capped at the model's context); longer prompts lose "
-                          "their oldest tokens, longer documents are scored in windows.")
-    max_samples: Optional[int] = arg(None, "Use at most this many records per file (quick runs).")
+                          "their oldest tokens, longer documents are scored in windows.", min=2)
+    max_samples: Optional[int] = arg(None, "Use at most this many records per file (quick runs).", min=1)
 
 
 @dataclass
@@ -372,7 +374,8 @@ def run(cfg: Config) -> dict:
         raise MedGPTError("nothing to evaluate. Give --eval.mcq_files, --eval.text_files, --eval.qa_files, "
                           "--eval.safety true (or --eval.safety_files), --eval.prompt_files with "
                           "--eval.compare_model and --eval.reward_model, or --eval.lm_eval_tasks.")
-    out = prepare_output_dir(cfg.output_dir, overwrite=cfg.overwrite)
+    out = prepare_output_dir(cfg.output_dir, overwrite=cfg.overwrite, command="eval")
+    claim(out, "config.yaml", "metrics.json", "report.md", "predictions")
     save_config(cfg, out / "config.yaml")
     metrics: dict = {}
     sections: list[list[str]] = []
@@ -423,6 +426,7 @@ def run(cfg: Config) -> dict:
                                                              [[k, f"{v:.4f}"] for k, v in found.items()])
         timed("lm_eval", lm_eval_part)
     text = _save(out, metrics, sections, title)
+    mark_complete(out)
     log("\n" + text)
     log(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
     return metrics

@@ -36,9 +36,9 @@ class GenerateArgs:
                           "mcq record file (jsonl, json, csv, parquet).")
     output_file: str = arg("", "JSONL written in input order: index, prompt, answer (the input's reference, when "
                            "it has one), output, finish_reason, prompt_tokens, completion_tokens.")
-    batch_size: int = arg(8, "Prompts generated together in one left-padded batch (per process).")
+    batch_size: int = arg(8, "Prompts generated together in one left-padded batch (per process).", min=1)
     system: Optional[str] = arg(None, "A system message put before every prompt that has none.")
-    max_samples: Optional[int] = arg(None, "Use only the first N input records.")
+    max_samples: Optional[int] = arg(None, "Use only the first N input records.", min=1)
 
 
 @dataclass

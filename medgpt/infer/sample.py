@@ -16,6 +16,7 @@ from typing import Optional
 
 from medgpt.args import GenArgs, ModelArgs
 from medgpt.config import arg, section
+from medgpt.outdir import claim, mark_complete, prepare_output_dir
 from medgpt.utils import MedGPTError, atomic_write, log, write_json
 
 
@@ -25,7 +26,7 @@ class SampleConfig:
     questions: list[str] = arg(factory=list, help="Questions, each asked as a single user turn.")
     questions_file: Optional[str] = arg(None, "More questions: a .txt file (one per line) or any prompt, chat, "
                                         "preference or mcq data file (the prompt is asked).")
-    max_questions: int = arg(8, "Ask at most this many questions from questions_file.")
+    max_questions: int = arg(8, "Ask at most this many questions from questions_file.", min=1)
     system: Optional[str] = arg(None, "A system message put before every question.")
     gen: GenArgs = section(lambda: GenArgs(max_new_tokens=128, temperature=0.0),
                            "Decoding: greedy (temperature 0) by default, so answers are reproducible.")
@@ -72,13 +73,16 @@ def run_sample(cfg: SampleConfig) -> int:
         rows.append(row)
         score = f"  (ROUGE-L {row['rouge_l']:.3f} against the reference)" if ref is not None else ""
         log(f"Q: {row['question']}\nA: {row['answer']}{score}\n")
-    out = Path(cfg.output_dir)
+    # A rerun replaces its own earlier answers (and nothing it did not write): an earlier metrics.json that these
+    # answers do not rewrite goes once they are saved (outdir.mark_complete).
+    out = prepare_output_dir(cfg.output_dir, overwrite=True, command="sample")
     scored = [r["rouge_l"] for r in rows if "rouge_l" in r]
     if scored:  # written before samples.jsonl, the artifact that marks the step complete
+        claim(out, "metrics.json")
         write_json(out / "metrics.json", {"rouge_l": sum(scored) / len(scored), "rouge_l_answers": len(scored)})
         log(f"ROUGE-L against the references: {sum(scored) / len(scored):.3f} over {len(scored)} answer(s)")
-    else:
-        (out / "metrics.json").unlink(missing_ok=True)  # an earlier run's score must not describe these answers
+    claim(out, "samples.jsonl")
     with atomic_write(out / "samples.jsonl") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    mark_complete(out)
     return 0

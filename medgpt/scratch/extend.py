@@ -52,13 +52,13 @@ class ExtendArgs:
     words: Optional[str] = arg(None, "Word list: one word or term per line (UTF-8 or GBK); blank lines and lines "
                                "starting with # are skipped.")
     num_words: int = arg(100, "Mine at most this many words from --data.train_files (0: mine none). An English "
-                         "word may add two tokens, 'word' and ' word'.")
-    min_count: int = arg(5, "A mined token ('word', ' word' or a Chinese n-gram) must occur this often.")
-    max_ngram: int = arg(4, "Longest Chinese character n-gram to mine (the shortest is 2).")
+                         "word may add two tokens, 'word' and ' word'.", min=0)
+    min_count: int = arg(5, "A mined token ('word', ' word' or a Chinese n-gram) must occur this often.", min=1)
+    max_ngram: int = arg(4, "Longest Chinese character n-gram to mine (the shortest is 2).", min=2)
     model: Optional[str] = arg(None, "Model directory whose embeddings grow to match. Default: "
                                "--model.name_or_path when it holds a model (config.json).")
     heldout_fraction: float = arg(0.05, "Share of the mined documents kept out of mining to measure the gain on, "
-                                  "when no --data.eval_files are given.")
+                                  "when no --data.eval_files are given.", min=0, below=1)
 
 
 @dataclass
@@ -300,7 +300,8 @@ def run(cfg: Config) -> int:
 
     from medgpt.config import save_config
     from medgpt.model.load import load_tokenizer
-    from medgpt.utils import MedGPTError, log, prepare_output_dir, write_json
+    from medgpt.outdir import final_save, prepare_output_dir
+    from medgpt.utils import MedGPTError, log, write_json
 
     e, d = cfg.extend, cfg.data
     mine = bool(d.train_files) and e.num_words > 0
@@ -313,7 +314,7 @@ def run(cfg: Config) -> int:
                                                              (cfg.model.name_or_path, model_dir) if p}:
         raise MedGPTError(f"--output_dir {cfg.output_dir} is the input directory; write the extended copy to a "
                           f"new directory (the input stays as it is).")
-    out = prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite, command="tokenizer extend")
     old = load_tokenizer(cfg.model)
     if model_dir:  # a cheap look before mining: the weights load only at the end
         conf = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
@@ -358,11 +359,6 @@ def run(cfg: Config) -> int:
     check_round_trips(old, new, eval_texts[:500] + contexts)
 
     init_rows = {new.convert_tokens_to_ids(f): old(f, add_special_tokens=False)["input_ids"] for f in forms}
-    if model_dir:
-        extend_model(model_dir, cfg, old, new, init_rows, out)
-    new.save_pretrained(out)
-    save_config(cfg, out / "config.yaml")
-
     words = list(dict.fromkeys(f.strip() for f in forms))
     kept = set(forms)
     listed_words = [w for w in listed if any(f in kept for f in forms_of(w))]
@@ -374,7 +370,12 @@ def run(cfg: Config) -> int:
               "list_already_single_tokens": single, "model": model_dir,
               "eval_text": ", ".join(d.eval_files) if d.eval_files else "held-out corpus" if heldout else "demo",
               "gain": gain, "sample": listed_words[:10] + mined_words[:10], "tokens": forms}
-    write_json(out / "extend_report.json", report)
+    with final_save(out) as staged:
+        if model_dir:
+            extend_model(model_dir, cfg, old, new, init_rows, staged)
+        new.save_pretrained(staged)
+        save_config(cfg, staged / "config.yaml")
+        write_json(staged / "extend_report.json", report)
     log(f"added {len(words)} words as {len(forms)} tokens ({len(listed_words)} words from the list, "
         f"{single} listed were single tokens already; {len(mined_words)} mined): "
         f"vocabulary {len(old)} -> {len(new)}; e.g. {', '.join(report['sample'])}")

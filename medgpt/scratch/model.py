@@ -24,16 +24,16 @@ INITS = ("llama", "qwen2")
 
 @dataclass
 class ArchArgs:
-    hidden_size: int = arg(256, "Width of the residual stream (d_model).")
-    num_layers: int = arg(4, "Transformer blocks.")
-    num_heads: int = arg(4, "Attention (query) heads; hidden_size must be divisible by it.")
+    hidden_size: int = arg(256, "Width of the residual stream (d_model).", min=1)
+    num_layers: int = arg(4, "Transformer blocks.", min=1)
+    num_heads: int = arg(4, "Attention (query) heads; hidden_size must be divisible by it.", min=1)
     num_kv_heads: int = arg(2, "Key/value heads (grouped-query attention); must divide num_heads. Equal to "
-                            "num_heads for plain multi-head attention.")
+                            "num_heads for plain multi-head attention.", min=1)
     intermediate_size: Optional[int] = arg(None, "Width of the SwiGLU MLP. Default: 8/3 x hidden_size rounded up "
-                                           "to a multiple of 64 (the same parameters as a 4x GELU MLP).")
+                                           "to a multiple of 64 (the same parameters as a 4x GELU MLP).", min=1)
     max_position_embeddings: Optional[int] = arg(None, "Context length the model is built for. Default: "
-                                                 "--train.max_length.")
-    rope_theta: float = arg(10000.0, "RoPE base frequency (raise it, e.g. to 1e6, for long contexts).")
+                                                 "--train.max_length.", min=1)
+    rope_theta: float = arg(10000.0, "RoPE base frequency (raise it, e.g. to 1e6, for long contexts).", above=0)
     tie_embeddings: bool = arg(True, "Share the input embedding with the output head. In a small model the "
                                "embedding table is a large share of the weights; tying halves it.")
 

@@ -9,7 +9,9 @@ worker processes, document order kept) -> append every document + EOS to <split>
 
 Why it is safe to kill: everything is written to hidden temp files in the output dir and renamed at the end,
 and meta.json (the only thing a reader trusts, see memmap.load_meta) is written after the renames, atomically.
-A run that dies at any point leaves no meta.json, so nothing can train on a half-written corpus.
+A run that dies at any point leaves no meta.json, so nothing can train on a half-written corpus; with --overwrite,
+the earlier corpus stays whole and readable until the new one is complete, and the next run removes the temp
+files of a killed one (utils.remove_stale_temps).
 
 Memory stays bounded whatever the corpus size: records are streamed (`iter_canonical`), at most
 2 x num_proc batches of `--pack.batch_docs` documents are in flight, and each batch is written as it arrives.
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import threading
 import time
 from collections import deque
@@ -49,22 +50,25 @@ import numpy as np
 
 from medgpt.args import DataArgs, ModelArgs
 from medgpt.config import arg, section
+from medgpt.outdir import claim
+from medgpt.utils import temp_file
 
 
 @dataclass
 class PackArgs:
     val_fraction: float = arg(0.01, "Share of documents in the val split, picked by a hash of each document "
-                              "(reproducible; duplicates share a split). 0: no val split.")
+                              "(reproducible; duplicates share a split). 0: no val split.", min=0, below=1)
     dtype: Literal["auto", "uint16", "uint32"] = arg(
         "auto", "Token dtype of the .bin files: auto picks uint16 when the vocabulary has at most 65,536 ids "
         "(half the disk and I/O), else uint32.")
     num_proc: int = arg(1, "Tokenizer worker processes. Document order is kept: the output is byte-identical "
-                        "for any value.")
-    batch_docs: int = arg(1000, "Documents tokenized (and written) per batch.")
+                        "for any value.", min=1)
+    batch_docs: int = arg(1000, "Documents tokenized (and written) per batch.", min=1)
     chat_template: Optional[str] = arg(
         None, "Pack chat data instead of text: each conversation rendered with this template (a name, or "
         "`tokenizer` for the tokenizer's own) is one document, special tokens kept. For an annealing phase.")
-    seed: int = arg(0, "Key of the document hash that picks val documents; another seed draws another split.")
+    seed: int = arg(0, "Key of the document hash that picks val documents; another seed draws another split.",
+                    min=0, max=2**32 - 1)
 
 
 @dataclass
@@ -219,7 +223,7 @@ class SplitWriter:
         self.idx = self._temp(f"{split}.idx")  # raw uint64 offsets; the .npy header is added at the end
 
     def _temp(self, name: str):
-        fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.out)
+        fd, path = temp_file(self.out, name)
         self.tmp.append(path)
         return os.fdopen(fd, "wb")
 
@@ -256,6 +260,7 @@ class SplitWriter:
         os.umask(umask)
         for tmp, name in ((self.tmp[0], f"{self.split}.bin"), (self.tmp[2], f"{self.split}.idx.npy")):
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; a corpus is usually shared
+            claim(self.out, name)
             os.replace(tmp, self.out / name)
         self.abort()  # the raw offsets file
 
@@ -301,17 +306,6 @@ def _check(cfg: Config) -> None:
         raise MedGPTError(f"--pack.num_proc ({p.num_proc}) and --pack.batch_docs ({p.batch_docs}) must be >= 1.")
 
 
-def _clean(out: Path) -> None:
-    """Before writing: remove meta.json first (from here on the dir is not a readable corpus), then an older
-    pack's files (--overwrite replaces it whole) and the temp files of a run that was killed outright."""
-    from medgpt.scratch.memmap import META
-
-    (out / META).unlink(missing_ok=True)
-    for split in ("train", "val"):
-        for old in (out / f"{split}.bin", out / f"{split}.idx.npy", *out.glob(f".{split}.*.tmp")):
-            old.unlink(missing_ok=True)
-
-
 def run(cfg: Config) -> int:
     """Tokenize text corpora into <split>.bin + <split>.idx.npy + meta.json (EOS after every document)."""
     from tqdm.auto import tqdm
@@ -320,7 +314,8 @@ def run(cfg: Config) -> int:
     from medgpt.data.validate import iter_canonical
     from medgpt.model.load import load_tokenizer
     from medgpt.scratch.memmap import FORMAT, META, dtype_for
-    from medgpt.utils import MedGPTError, is_main_process, log, prepare_output_dir, write_json
+    from medgpt.outdir import abandon, mark_complete, prepare_output_dir
+    from medgpt.utils import MedGPTError, is_main_process, log, write_json
 
     # Everything that can be refused is refused before any output exists.
     _check(cfg)
@@ -338,9 +333,9 @@ def run(cfg: Config) -> int:
     if np.iinfo(dtype).max < vocab - 1:
         raise MedGPTError(f"--pack.dtype {dtype} holds ids up to {np.iinfo(dtype).max}, but the tokenizer "
                           f"{cfg.model.name_or_path} has {vocab} tokens. Use --pack.dtype uint32 (or auto).")
-    existed = Path(cfg.output_dir).is_dir() if cfg.output_dir else False
-    out = prepare_output_dir(cfg.output_dir, cfg.overwrite)
-    _clean(out)
+    # With --overwrite, an earlier corpus here stays whole and readable until the new one is complete: the new
+    # files are written as temp files and only replace the old ones at the end (commit).
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite, command="pack")
 
     p, d = cfg.pack, cfg.data
     fraction = 0.0 if d.eval_files else p.val_fraction  # eval_files, when given, are the val split
@@ -400,6 +395,8 @@ def run(cfg: Config) -> int:
                               f"{f' ({skipped[0]} blank documents)' if skipped[0] else ''}. Check the files, "
                               "--data.text_mode, or --data.columns (which field holds the text).")
         infos = {s: w.finish() for s, w in writers.items() if w.documents}
+        claim(out, META, "config.yaml")
+        (out / META).unlink(missing_ok=True)  # from here until the new meta.json, the dir is no readable corpus
         for s in infos:
             writers[s].commit()
         for s, w in writers.items():
@@ -408,8 +405,7 @@ def run(cfg: Config) -> int:
     except BaseException:
         for w in writers.values():
             w.abort()
-        if not existed and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        abandon()  # a dir this run created holds nothing worth keeping
         raise
 
     src = cfg.model.name_or_path
@@ -418,6 +414,7 @@ def run(cfg: Config) -> int:
             "val_fraction": fraction, "seed": p.seed, "splits": infos}
     save_config(cfg, out / "config.yaml")
     write_json(out / META, meta)  # last: its presence means every file it names is complete
+    mark_complete(out)  # an earlier corpus's files that this one did not replace (its val split, say) go now
 
     total = sum(i["tokens"] for i in infos.values())
     itemsize = np.dtype(dtype).itemsize

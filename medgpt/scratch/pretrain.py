@@ -52,7 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medgpt.run import COMPLETE, completed_checkpoints, plot_loss, precision
+from medgpt.outdir import claim
+from medgpt.run import COMPLETE, completed_checkpoints, final_save, plot_loss, precision
 from medgpt.scratch import memmap
 from medgpt.scratch.schedule import (SCHEDULES, Phase, decay_steps, lr_multiplier, parse_phases, phase_index,
                                      phase_start, sample_source, total_steps, warmup_steps)
@@ -213,6 +214,7 @@ def save_checkpoint(out: Path, model, tokenizer, optimizer, state: dict, rng, ke
     import torch
 
     ckpt = out / f"checkpoint-{state['step']}"
+    claim(out, ckpt.name)  # before writing: a kill mid-save leaves a checkpoint --resume may remove
     shutil.rmtree(ckpt, ignore_errors=True)
     ckpt.mkdir(parents=True)
     model.save_pretrained(ckpt)
@@ -436,11 +438,12 @@ def pretrain(cfg) -> int:
             log(f"{tps:,.0f} tokens/s; MFU {100 * metrics['mfu']:.1f}% of measured matmul peak "
                 f"{peak / 1e9:,.1f} GFLOP/s ({flops / 1e6:.2f} MFLOPs per token)")
     if is_main_process():
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-        write_json(out / "trainer_state.json", state)
-        write_json(out / "metrics.json", {k: v for k, v in metrics.items() if v is not None and
-                                          not (isinstance(v, float) and not math.isfinite(v))})
-        plot_loss(history, out / "loss.png")
+        with final_save(out) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            write_json(staging / "trainer_state.json", state)
+            write_json(staging / "metrics.json", {k: v for k, v in metrics.items() if v is not None and
+                                                  not (isinstance(v, float) and not math.isfinite(v))})
+            plot_loss(history, staging / "loss.png", title=out.name)
         log(f"saved the model, tokenizer, metrics.json, trainer_state.json and loss.png to {out}")
     return 0

@@ -61,11 +61,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 6400, min_frequency: int =
 @dataclass
 class TokenizerArgs:
     vocab_size: int = arg(6400, "Vocabulary size, special tokens included. Small keeps a mini model's "
-                          "embedding table a small share of its weights.")
-    min_frequency: int = arg(2, "A merge must occur at least this often in the corpus.")
-    n_reserved: int = arg(8, "Reserved special tokens <|reserved_i|> for later use without resizing.")
+                          "embedding table a small share of its weights.", min=1)
+    min_frequency: int = arg(2, "A merge must occur at least this often in the corpus.", min=1)
+    n_reserved: int = arg(8, "Reserved special tokens <|reserved_i|> for later use without resizing.", min=0)
     template: str = arg("chatml", "Chat template saved into the tokenizer (used by training and inference).")
-    heldout_fraction: float = arg(0.02, "Share of documents kept out of training to report characters per token.")
+    heldout_fraction: float = arg(0.02, "Share of documents kept out of training to report characters per token.",
+                                  min=0, below=1)
 
 
 @dataclass
@@ -99,11 +100,12 @@ def train(cfg: TrainConfig) -> int:
 
     from medgpt.data.templates import apply_template
     from medgpt.data.validate import iter_canonical
-    from medgpt.utils import MedGPTError, log, prepare_output_dir
+    from medgpt.outdir import final_save, prepare_output_dir
+    from medgpt.utils import MedGPTError, log
 
     if not cfg.data.train_files:
         raise MedGPTError("no training text given. Add --data.train_files FILES (files, globs or directories).")
-    out = prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite, command="tokenizer train")
     d = cfg.data
     rng = random.Random(0)
     heldout: list[str] = []
@@ -133,8 +135,9 @@ def train(cfg: TrainConfig) -> int:
     if n_docs == 0:
         raise MedGPTError(f"the corpus {', '.join(d.train_files)} holds no text to learn from.")
     apply_template(tok, t.template)
-    tok.save_pretrained(out)
-    save_config(cfg, out / "config.yaml")
+    with final_save(out) as staging:
+        tok.save_pretrained(staging)
+        save_config(cfg, staging / "config.yaml")
     sample = heldout or ["高血压患者应定期测量血压。 Patients with hypertension should check their blood pressure."]
     n_chars = sum(len(s) for s in sample)
     n_tokens = sum(len(tok(s, add_special_tokens=False).input_ids) for s in sample)

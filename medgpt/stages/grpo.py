@@ -31,22 +31,24 @@ from medgpt.config import arg, section
 @dataclass
 class GRPOArgs:
     num_generations: int = arg(4, "Replies sampled per prompt (one group, at least 2). Completions per step "
-                               "(batch_size x gradient_accumulation_steps x processes) must be a multiple of it.")
+                               "(batch_size x gradient_accumulation_steps x processes) must be a multiple of it.",
+                               min=2)
     max_completion_length: int = arg(256, "Most tokens generated per reply. Prompts get --train.max_length minus "
-                                     "this; longer ones lose their oldest turns.")
+                                     "this; longer ones lose their oldest turns.", min=1)
     beta: float = arg(0.04, "KL penalty toward the starting policy. 0 keeps no reference model (less memory, "
-                      "faster) but lets the policy drift freely.")
-    temperature: float = arg(1.0, "Sampling temperature: replies in a group must differ for rewards to differ.")
-    top_p: float = arg(1.0, "Nucleus sampling for the replies (1.0: the full distribution).")
-    epsilon: float = arg(0.2, "Clip range of the importance ratio (as in PPO).")
-    epsilon_high: Optional[float] = arg(None, "Upper clip bound (DAPO uses 0.28); None: same as epsilon.")
+                      "faster) but lets the policy drift freely.", min=0)
+    temperature: float = arg(1.0, "Sampling temperature: replies in a group must differ for rewards to differ.",
+                             above=0)
+    top_p: float = arg(1.0, "Nucleus sampling for the replies (1.0: the full distribution).", above=0, max=1)
+    epsilon: float = arg(0.2, "Clip range of the importance ratio (as in PPO).", above=0)
+    epsilon_high: Optional[float] = arg(None, "Upper clip bound (DAPO uses 0.28); None: same as epsilon.", above=0)
     loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"] = arg(
         "dapo", "How token losses are averaged: dapo (over all tokens of the step; no length bias), grpo (per "
                 "reply, then over replies), dr_grpo (by a constant), bnpo (local batch), cispo/sapo (clipped/soft "
                 "importance weights). See TRL's GRPOConfig.loss_type.")
     scale_rewards: Literal["group", "batch", "none"] = arg(
         "group", "Divide advantages by the reward std of the group, of the batch, or not at all (Dr. GRPO).")
-    num_iterations: int = arg(1, "Optimizer passes over each generated batch (mu in the paper).")
+    num_iterations: int = arg(1, "Optimizer passes over each generated batch (mu in the paper).", min=1)
     mask_truncated_completions: bool = arg(False, "Leave replies cut at max_completion_length out of the loss.")
 
 
@@ -76,7 +78,7 @@ def run(cfg: Config) -> int:
 
     # Data, rewards and batch shape first: a bad file, a typo in a reward name or a batch that cannot hold
     # whole groups fails in seconds, before any model loads.
-    train_records, eval_records = load_splits(cfg.data, "prompt", purpose="grpo", seed=cfg.train.seed)
+    train_records, eval_records, invalid = load_splits(cfg.data, "prompt", purpose="grpo", seed=cfg.train.seed)
     check_rewards(cfg.reward, train_records)
     check_groups(cfg.train, "grpo", cfg.grpo.num_generations, cfg.grpo.max_completion_length,
                  has_eval=bool(eval_records),
@@ -118,9 +120,10 @@ def run(cfg: Config) -> int:
     )
     trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_ds,
                           eval_dataset=eval_ds, processing_class=tokenizer, callbacks=[R.checkpoint_callback()])
-    result = trainer.train(resume_from_checkpoint=R.resume_checkpoint(cfg, out))
+    result = R.train(trainer, cfg, out)
     metrics = dict(result.metrics)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
+    metrics["invalid_records"] = invalid  # skipped by load_splits (--data.max_invalid)
     R.save_artifacts(trainer, tokenizer, out, metrics)
     return 0

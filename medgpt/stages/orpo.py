@@ -24,7 +24,7 @@ from medgpt.config import arg, section
 
 @dataclass
 class ORPOArgs:
-    beta: float = arg(0.1, "λ: weight of the odds-ratio term against the NLL term (the paper uses 0.1-0.25).")
+    beta: float = arg(0.1, "λ: weight of the odds-ratio term against the NLL term (the paper uses 0.1-0.25).", min=0)
 
 
 @dataclass
@@ -50,7 +50,7 @@ def run(cfg: Config) -> int:
     from medgpt.model.load import load_model, load_tokenizer
 
     # Data first: a bad file fails in seconds, before any model loads.
-    train_records, eval_records = load_splits(cfg.data, "preference", purpose="orpo", seed=cfg.train.seed)
+    train_records, eval_records, invalid = load_splits(cfg.data, "preference", purpose="orpo", seed=cfg.train.seed)
     from transformers import TrainingArguments
 
     from medgpt.losses import orpo_loss
@@ -72,9 +72,10 @@ def run(cfg: Config) -> int:
                                 train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                                 data_collator=PreferenceCollator(tokenizer.pad_token_id),
                                 callbacks=[R.checkpoint_callback()])
-    result = trainer.train(resume_from_checkpoint=R.resume_checkpoint(cfg, out))
+    result = R.train(trainer, cfg, out)
     metrics = {**trainer.last_train_metrics, **result.metrics}  # rewards/*, nll, log_odds_* of the last log window
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
+    metrics["invalid_records"] = invalid  # skipped by load_splits (--data.max_invalid)
     R.save_artifacts(trainer, tokenizer, out, metrics)
     return 0

@@ -51,22 +51,22 @@ from medgpt.utils import MedGPTError, log
 
 @dataclass
 class PPOArgs:
-    max_new_tokens: int = arg(128, "Most tokens sampled per response.")
-    temperature: float = arg(0.7, "Sampling temperature (log-probs are taken at the same temperature).")
-    kl_coef: float = arg(0.05, "Weight of the per-token KL penalty against the reference policy (beta).")
+    max_new_tokens: int = arg(128, "Most tokens sampled per response.", min=1)
+    temperature: float = arg(0.7, "Sampling temperature (log-probs are taken at the same temperature).", above=0)
+    kl_coef: float = arg(0.05, "Weight of the per-token KL penalty against the reference policy (beta).", min=0)
     kl_estimator: Literal["k1", "k3"] = arg("k1", "KL estimator: k1 = logp - ref_logp, k3 = always >= 0.")
     target_kl: Optional[float] = arg(None, "Adaptive KL controller (Ziegler et al.): per-sequence KL to aim for; "
-                                     "None keeps kl_coef fixed.")
-    kl_horizon: int = arg(10000, "Adaptive KL controller horizon (samples).")
-    gamma: float = arg(1.0, "GAE discount.")
-    lam: float = arg(0.95, "GAE lambda.")
-    cliprange: float = arg(0.2, "PPO policy ratio clip range.")
-    cliprange_value: float = arg(0.2, "Value clip range around the rollout's values.")
-    vf_coef: float = arg(0.1, "Weight of the value loss in the joint loss.")
-    ppo_epochs: int = arg(4, "Passes over each rollout batch.")
-    num_mini_batches: int = arg(1, "Mini-batches (optimizer steps) per pass; must divide --train.batch_size.")
+                                     "None keeps kl_coef fixed.", above=0)
+    kl_horizon: int = arg(10000, "Adaptive KL controller horizon (samples).", min=1)
+    gamma: float = arg(1.0, "GAE discount.", min=0, max=1)
+    lam: float = arg(0.95, "GAE lambda.", min=0, max=1)
+    cliprange: float = arg(0.2, "PPO policy ratio clip range.", above=0)
+    cliprange_value: float = arg(0.2, "Value clip range around the rollout's values.", above=0)
+    vf_coef: float = arg(0.1, "Weight of the value loss in the joint loss.", min=0)
+    ppo_epochs: int = arg(4, "Passes over each rollout batch.", min=1)
+    num_mini_batches: int = arg(1, "Mini-batches (optimizer steps) per pass; must divide --train.batch_size.", min=1)
     missing_eos_penalty: Optional[float] = arg(1.0, "Subtracted from the score of responses that never end "
-                                               "(Huang et al.); None disables it.")
+                                               "(Huang et al.); None disables it.", min=0)
     whiten_rewards: bool = arg(False, "Whiten the per-token rewards of each batch (keeping their mean).")
     value_model: Optional[str] = arg(None, "Initialise the value model from this dir (default: --reward.model, "
                                      "else the policy base).")
@@ -139,14 +139,11 @@ def resolve(margs: ModelArgs) -> ModelArgs:
 
 
 def load(margs: ModelArgs, cfg: Config, task: str):
-    """load_model, with an adapter folded into the weights under full fine-tuning (load_model would keep it
-    frozen: full fine-tuning then trains every weight of base + adapter)."""
+    """load_model with the run's finetune settings (under full fine-tuning load_model folds an adapter into the
+    weights, so every weight of base + adapter trains)."""
     from medgpt.model.load import load_model
 
-    net = load_model(margs, cfg.finetune, task=task, gradient_checkpointing=cfg.train.gradient_checkpointing)
-    if margs.adapter and cfg.finetune.type == "full":
-        net = net.merge_and_unload().requires_grad_(True)
-    return net
+    return load_model(margs, cfg.finetune, task=task, gradient_checkpointing=cfg.train.gradient_checkpointing)
 
 
 def run(cfg: Config) -> int:
@@ -159,7 +156,7 @@ def run(cfg: Config) -> int:
 
     check(cfg)
     # Data first: a bad file fails in seconds, before any model loads.
-    records, _ = load_splits(cfg.data, "prompt", purpose="ppo", seed=cfg.train.seed)
+    records, _, invalid = load_splits(cfg.data, "prompt", purpose="ppo", seed=cfg.train.seed)
     from medgpt.ppo_trainer import PPOTrainer
     from medgpt.rewards import build_rewards, check_rewards
 
@@ -216,5 +213,6 @@ def run(cfg: Config) -> int:
                          scorer(fns, weights), cfg.ppo, cfg.train, out,
                          stop_ids=stops, ref_model=ref_model, max_steps=steps)
     metrics = trainer.train(resume_from=R.resume_checkpoint(cfg, out))
+    metrics["invalid_records"] = invalid  # skipped by load_splits (--data.max_invalid)
     trainer.save_final(tokenizer, metrics)
     return 0

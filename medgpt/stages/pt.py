@@ -45,11 +45,12 @@ class PTArgs:
     phases: list[dict[str, Any]] = arg(factory=list, help="Curriculum (in the YAML file): a list of {name: str, "
                                        "steps: int, data: {PACKED_DIR: weight, ...}}; each phase draws its batches "
                                        "from its dirs by weight, and the run lasts the sum of their steps.")
-    decay_fraction: float = arg(0.2, "warmup_stable_decay: the LR decays (1-sqrt) over this last share of the steps.")
-    min_lr_ratio: float = arg(0.1, "The LR decays to this fraction of --train.learning_rate.")
-    eval_windows: int = arg(64, "Evaluate on at most this many consecutive windows of each packed val split.")
+    decay_fraction: float = arg(0.2, "warmup_stable_decay: the LR decays (1-sqrt) over this last share of the steps.",
+                                min=0, max=1)
+    min_lr_ratio: float = arg(0.1, "The LR decays to this fraction of --train.learning_rate.", min=0, max=1)
+    eval_windows: int = arg(64, "Evaluate on at most this many consecutive windows of each packed val split.", min=1)
     benchmark_seconds: float = arg(2.0, "Measure the matmul peak this long at start, for the MFU estimate "
-                                   "(0: no MFU).")
+                                   "(0: no MFU).", min=0)
     compile: bool = arg(False, "torch.compile the model (faster on recent GPUs, after a compile warm-up).")
 
 
@@ -180,11 +181,12 @@ def run(cfg: Config) -> int:
                               "--data.eval_files instead (it is loaded whole, so keep it small).")
         if not data.train_files:
             raise MedGPTError("no training data given. Add --data.train_files FILES (pt needs text records).")
+        invalid = 0  # a stream is checked as it is read: its first bad record stops the run
         eval_records = load_records(data.eval_files, "text", format=data.format, columns=data.columns,
                                     encoding=data.encoding, text_mode=data.text_mode, max_samples=data.max_samples,
                                     purpose="pt") if data.eval_files else []
     else:
-        train_records, eval_records = load_splits(data, "text", purpose="pt", seed=cfg.train.seed)
+        train_records, eval_records, invalid = load_splits(data, "text", purpose="pt", seed=cfg.train.seed)
     schedule = scheduler_kwargs(cfg)
     from transformers import Trainer, TrainingArguments
 
@@ -211,12 +213,13 @@ def run(cfg: Config) -> int:
     args = TrainingArguments(**{**R.trainer_kwargs(cfg.train, out, has_eval=eval_ds is not None), **schedule})
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=collate, processing_class=tokenizer, callbacks=[R.checkpoint_callback()])
-    result = trainer.train(resume_from_checkpoint=R.resume_checkpoint(cfg, out))
+    result = R.train(trainer, cfg, out)
     metrics = dict(result.metrics)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
         loss = metrics["eval_loss"]
         metrics["perplexity"] = math.exp(loss) if loss < 700 else float("inf")  # exp overflows a float past ~709
         log(f"eval: loss {loss:.4f}, perplexity {metrics['perplexity']:.2f}")
+    metrics["invalid_records"] = invalid  # skipped by load_splits (--data.max_invalid)
     R.save_artifacts(trainer, tokenizer, out, metrics)
     return 0

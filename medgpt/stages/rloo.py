@@ -30,17 +30,19 @@ from medgpt.config import arg, section
 @dataclass
 class RLOOArgs:
     num_generations: int = arg(4, "Replies sampled per prompt (k, at least 2). Completions per step "
-                               "(batch_size x gradient_accumulation_steps x processes) must be a multiple of it.")
+                               "(batch_size x gradient_accumulation_steps x processes) must be a multiple of it.",
+                               min=2)
     max_completion_length: int = arg(256, "Most tokens generated per reply. Prompts get --train.max_length minus "
-                                     "this; longer ones lose their oldest turns.")
+                                     "this; longer ones lose their oldest turns.", min=1)
     beta: float = arg(0.05, "KL penalty toward the starting policy, subtracted from each reward. 0 keeps no "
-                      "reference model (less memory, faster) but lets the policy drift freely.")
-    temperature: float = arg(1.0, "Sampling temperature: replies to one prompt must differ for rewards to differ.")
-    top_p: float = arg(1.0, "Nucleus sampling for the replies (1.0: the full distribution).")
-    epsilon: float = arg(0.2, "Clip range of the importance ratio (as in PPO).")
-    epsilon_high: Optional[float] = arg(None, "Upper clip bound; None: same as epsilon.")
+                      "reference model (less memory, faster) but lets the policy drift freely.", min=0)
+    temperature: float = arg(1.0, "Sampling temperature: replies to one prompt must differ for rewards to differ.",
+                             above=0)
+    top_p: float = arg(1.0, "Nucleus sampling for the replies (1.0: the full distribution).", above=0, max=1)
+    epsilon: float = arg(0.2, "Clip range of the importance ratio (as in PPO).", above=0)
+    epsilon_high: Optional[float] = arg(None, "Upper clip bound; None: same as epsilon.", above=0)
     normalize_advantages: bool = arg(False, "Scale advantages to mean 0, std 1 over each generated batch.")
-    num_iterations: int = arg(1, "Optimizer passes over each generated batch.")
+    num_iterations: int = arg(1, "Optimizer passes over each generated batch.", min=1)
     mask_truncated_completions: bool = arg(False, "Leave replies cut at max_completion_length out of the loss.")
 
 
@@ -70,7 +72,7 @@ def run(cfg: Config) -> int:
 
     # Data, rewards and batch shape first: a bad file, a typo in a reward name or a batch that cannot hold
     # whole groups fails in seconds, before any model loads.
-    train_records, eval_records = load_splits(cfg.data, "prompt", purpose="rloo", seed=cfg.train.seed)
+    train_records, eval_records, invalid = load_splits(cfg.data, "prompt", purpose="rloo", seed=cfg.train.seed)
     check_rewards(cfg.reward, train_records)
     check_groups(cfg.train, "rloo", cfg.rloo.num_generations, cfg.rloo.max_completion_length,
                  has_eval=bool(eval_records),
@@ -111,9 +113,10 @@ def run(cfg: Config) -> int:
     )
     trainer = RLOOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_ds,
                           eval_dataset=eval_ds, processing_class=tokenizer, callbacks=[R.checkpoint_callback()])
-    result = trainer.train(resume_from_checkpoint=R.resume_checkpoint(cfg, out))
+    result = R.train(trainer, cfg, out)
     metrics = dict(result.metrics)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
+    metrics["invalid_records"] = invalid  # skipped by load_splits (--data.max_invalid)
     R.save_artifacts(trainer, tokenizer, out, metrics)
     return 0

@@ -36,7 +36,7 @@ from medgpt.utils import MedGPTError, log
 class RMArgs:
     center_rewards_coefficient: Optional[float] = arg(
         None, "Add this times mean(reward^2) to the loss so rewards stay centred on 0 (Eisenstein et al. 2023, "
-              "https://huggingface.co/papers/2312.09244; 0.01 is typical). None disables it.")
+              "https://huggingface.co/papers/2312.09244; 0.01 is typical). None disables it.", min=0)
 
 
 @dataclass
@@ -123,7 +123,7 @@ def run(cfg: Config) -> int:
     from medgpt.model.load import load_model, load_tokenizer
 
     # Data first: a bad file fails in seconds, before any model loads.
-    train_records, eval_records = load_splits(cfg.data, "preference", purpose="rm", seed=cfg.train.seed)
+    train_records, eval_records, invalid = load_splits(cfg.data, "preference", purpose="rm", seed=cfg.train.seed)
     from trl import RewardConfig, RewardTrainer
 
     out = R.start(cfg)
@@ -147,11 +147,12 @@ def run(cfg: Config) -> int:
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer, callbacks=[R.checkpoint_callback()])
-    result = trainer.train(resume_from_checkpoint=R.resume_checkpoint(cfg, out))
+    result = R.train(trainer, cfg, out)
     metrics = dict(result.metrics)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
         metrics["eval_accuracy"] = pairwise_accuracy(trainer)
         log(f"eval: pairwise accuracy {metrics['eval_accuracy']:.3f} on {len(eval_ds)} pairs")
+    metrics["invalid_records"] = invalid  # skipped by load_splits (--data.max_invalid)
     R.save_artifacts(trainer, tokenizer, out, metrics)
     return 0

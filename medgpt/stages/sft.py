@@ -28,7 +28,7 @@ from medgpt.config import arg, section
 class SFTArgs:
     packing: bool = arg(False, "Pack conversations into full rows (padding-free; no attention across samples).")
     neftune_noise_alpha: Optional[float] = arg(None, "NEFTune: add uniform noise of this scale to the input "
-                                               "embeddings while training (e.g. 5). None disables it.")
+                                               "embeddings while training (e.g. 5). None disables it.", min=0)
 
 
 @dataclass
@@ -53,7 +53,7 @@ def run(cfg: Config) -> int:
     from medgpt.model.load import load_model, load_tokenizer
 
     # Data first: a bad file fails in seconds, before any model loads.
-    train_records, eval_records = load_splits(cfg.data, "chat", purpose="sft", seed=cfg.train.seed)
+    train_records, eval_records, invalid = load_splits(cfg.data, "chat", purpose="sft", seed=cfg.train.seed)
     from trl import SFTConfig, SFTTrainer
     out = R.start(cfg)
     tokenizer = load_tokenizer(cfg.model)
@@ -77,9 +77,10 @@ def run(cfg: Config) -> int:
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[R.checkpoint_callback()],
                          data_collator=PackedCollator(tokenizer.pad_token_id) if cfg.sft.packing else None)
-    result = trainer.train(resume_from_checkpoint=R.resume_checkpoint(cfg, out))
+    result = R.train(trainer, cfg, out)
     metrics = dict(result.metrics)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
+    metrics["invalid_records"] = invalid  # skipped by load_splits (--data.max_invalid)
     R.save_artifacts(trainer, tokenizer, out, metrics)
     return 0

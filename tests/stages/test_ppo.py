@@ -48,11 +48,12 @@ def history(out) -> list[dict]:
     return json.loads((out / "trainer_state.json").read_text())["history"]
 
 
-@pytest.mark.parametrize("ft", ["full", "lora"])
-def test_ppo_reward_model_trains_and_saves(ft, tiny_llama, tiny_llama_cls, tmp_path, ppo_tracked):
+@pytest.mark.parametrize("ft, clip", [("full", "1.0"), ("lora", "1.0"), ("lora", "0")])
+def test_ppo_reward_model_trains_and_saves(ft, clip, tiny_llama, tiny_llama_cls, tmp_path, ppo_tracked):
+    """--train.max_grad_norm 0 means no clipping, as in every other stage (it used to zero every gradient)."""
     out = tmp_path / "out"
     run_stage("ppo", "--model.name_or_path", tiny_llama, "--data.train_files", PROMPTS, "--finetune.type", ft,
-              "--reward.model", tiny_llama_cls, "--output_dir", out, *QUICK, *RL)
+              "--reward.model", tiny_llama_cls, "--output_dir", out, *QUICK, *RL, "--train.max_grad_norm", clip)
     assert_all_changed(ppo_tracked)
     assert any(n.startswith("value.") for n in ppo_tracked["before"]), "the value model must train too"
     metrics = assert_artifacts(out, adapter=ft == "lora")

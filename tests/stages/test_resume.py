@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from medgpt.outdir import claim
 from medgpt.run import COMPLETE
 from stagekit import FIXTURES, run_stage
 
@@ -97,6 +98,7 @@ def test_resume_after_kill9(tiny_llama, tmp_path, monkeypatch, capsys):
         if int(late.name.split("-")[1]) > 4:
             shutil.rmtree(late)
     partial = out / "checkpoint-6"
+    claim(out, partial.name)  # as the run does before it writes a checkpoint
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"\0" * 100)
 
@@ -133,23 +135,39 @@ def test_non_empty_output_dir_is_refused(tiny_llama, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("from an earlier run")
-    assert main(sft_args(tiny_llama, out)) == 1
-    err = capsys.readouterr().err
-    assert "is not empty" in err and "--overwrite" in err and "--resume" in err
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # nothing written
+    for flag in ((), ("--overwrite",), ("--resume",)):  # the flags act on medgpt outputs only
+        assert main(sft_args(tiny_llama, out, *flag)) == 1
+        err = capsys.readouterr().err
+        assert "medgpt did not write what it holds (notes.txt" in err and "Choose a new" in err
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # nothing written
 
 
 def test_overwrite_drops_the_earlier_runs_checkpoints(tiny_llama, tmp_path, monkeypatch, capsys):
     """Otherwise a later --resume could continue the overwritten run (its checkpoint-100 outranks ours)."""
     out = tmp_path / "out"
+    run_stage(*sft_args(tiny_llama, out, "--train.max_steps", "1", "--train.save_steps", "0"))
     stale = out / "checkpoint-100"
+    claim(out, stale.name)  # an earlier run of ours that got further
     stale.mkdir(parents=True)
     (stale / COMPLETE).write_text("100")
     run_stage(*sft_args(tiny_llama, out, "--overwrite", "--train.max_steps", "2"))
-    assert "--overwrite: removing checkpoint-100" in capsys.readouterr().out
+    assert "removing its checkpoint-100 now" in capsys.readouterr().out
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
 
     steps = count_steps(monkeypatch)
     run_stage(*sft_args(tiny_llama, out, "--resume", "--train.max_steps", "4"))
     assert f"resuming from {out / 'checkpoint-2'}" in capsys.readouterr().out
     assert steps == [2, 3]
+
+
+def test_resume_at_max_steps_trains_no_extra_step(tiny_llama, tmp_path, monkeypatch, capsys):
+    """The last checkpoint is the end of training: --resume used to train one step past max_steps from it."""
+    out = tmp_path / "out"
+    run_stage(*sft_args(tiny_llama, out, "--train.max_steps", "4", "--train.save_steps", "2"))
+    before = json.loads((out / "metrics.json").read_text())
+    steps = count_steps(monkeypatch)
+    run_stage(*sft_args(tiny_llama, out, "--resume", "--train.max_steps", "4", "--train.save_steps", "2"))
+    assert "nothing left to train" in capsys.readouterr().out
+    assert steps == []
+    after = json.loads((out / "metrics.json").read_text())
+    assert after["global_step"] == before["global_step"] == 4
