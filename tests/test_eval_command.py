@@ -37,6 +37,7 @@ def test_eval_every_part_on_tiny_models(tiny_llama, tiny_qwen2, tiny_llama_cls, 
         assert metrics[f"ppl/{name}/documents"] == 6
         assert metrics[f"ppl/{name}/perplexity"] > 1 and metrics[f"ppl/{name}/bits_per_byte"] > 0
     assert 0 <= metrics["rouge_l/overall"] <= 1 and metrics["rouge_l/sft_sharegpt/answers"] == 6
+    assert metrics["answer_ppl/overall"] == metrics["answer_ppl/sft_sharegpt"] > 1
     assert metrics["safety/harmful_probes"] + metrics["safety/benign_probes"] == 6
     assert 0 <= metrics["safety/unsafe_rate"] <= 1 and 0 <= metrics["safety/over_refusal_rate"] <= 1
     assert metrics["winrate/prompts"] == 6
@@ -44,7 +45,7 @@ def test_eval_every_part_on_tiny_models(tiny_llama, tiny_qwen2, tiny_llama_cls, 
     assert metrics["winrate/win_rate"] == (metrics["winrate/wins"] + metrics["winrate/ties"] / 2) / 6
 
     report = (out / "report.md").read_text(encoding="utf-8")
-    for heading in ("## Multiple choice (loglik, letter)", "## Perplexity", "## QA: ROUGE-L", "## Safety",
+    for heading in ("## Multiple choice (loglik, letter)", "## Perplexity", "## QA: reference-answer perplexity", "## Safety",
                     "## Win rate"):
         assert heading in report
     assert "| cmexam | cmexam | 2 |" in report and "1 (multiple answers: 1)" in report
@@ -61,7 +62,7 @@ def test_eval_every_part_on_tiny_models(tiny_llama, tiny_qwen2, tiny_llama_cls, 
     assert set(headline) == {"mcq/mcq/accuracy", "mcq/cmexam/accuracy", "mcq/overall/accuracy",
                              "ppl/pretrain_zh/perplexity", "ppl/pretrain_zh/bits_per_byte",
                              "ppl/pretrain_en/perplexity", "ppl/pretrain_en/bits_per_byte", "rouge_l/overall",
-                             "winrate/win_rate", "safety/unsafe_rate", "safety/over_refusal_rate"}
+                             "answer_ppl/overall", "winrate/win_rate", "safety/unsafe_rate", "safety/over_refusal_rate"}
 
 
 def test_eval_generate_method_and_rerun_needs_overwrite(tiny_llama, tmp_path, capsys):
@@ -103,3 +104,26 @@ def test_lm_eval_without_the_package_fails_first(monkeypatch, tmp_path, capsys):
     code = main(["eval", "--model.name_or_path", "m", "--output_dir", str(tmp_path / "o"),
                  "--eval.lm_eval_tasks", "medqa_4options"])
     assert code == 1 and "pip install lm-eval" in capsys.readouterr().err
+
+
+def test_answer_nll_is_the_teacher_forced_loss_of_the_reference(tiny_llama):
+    """answer_nll against a hand-computed sum of -log p over the reply's tokens, from one plain forward pass."""
+    import torch
+
+    from medgpt.args import ModelArgs
+    from medgpt.eval.command import answer_nll
+    from medgpt.eval.mcq import reply_ids
+    from medgpt.infer.engine import Engine
+
+    engine = Engine.load(ModelArgs(name_or_path=str(tiny_llama)), "chatml")
+    convs = [[{"role": "user", "content": "高血压怎么办？"}], [{"role": "user", "content": "What is gout?"}]]
+    answers = ["少吃盐，多运动，按时服药。", "A form of arthritis caused by uric acid crystals."]
+    got = answer_nll(engine, convs, answers, batch_size=2, max_length=512)
+    for (nll, n), messages, answer in zip(got, convs, answers):
+        prompt = engine.prompt_ids(messages)
+        reply = reply_ids(engine, messages, prompt, answer)
+        ids = torch.tensor([prompt + reply])
+        with torch.no_grad():
+            logp = torch.log_softmax(engine.model(ids).logits[0].float(), -1)
+        want = -sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(reply))
+        assert n == len(reply) and nll == pytest.approx(want, rel=1e-5)

@@ -59,8 +59,9 @@ class EvalArgs:
         "line", "For .txt text files: one document per line, per blank-line-separated paragraph, or per file.")
     ppl_stride: int = arg(0, "Tokens predicted per window in documents longer than max_length (0: max_length - 1, "
                           "disjoint windows; smaller: more context, slower).", min=0)
-    qa_files: list[str] = arg(factory=list, help="QA pairs for ROUGE-L: chat records (the last assistant turn is "
-                              "the reference) or prompt records with an answer.")
+    qa_files: list[str] = arg(factory=list, help="QA pairs: chat records (the last assistant turn is the reference) "
+                              "or prompt records with an answer; scored by the references' perplexity and by "
+                              "ROUGE-L of greedy answers.")
     prompt_files: list[str] = arg(factory=list, help="Prompts both models answer for the win rate.")
     compare_model: Optional[str] = arg(None, "Model B for the win rate (a model dir or hub id).")
     compare_adapter: Optional[str] = arg(None, "A LoRA adapter on top of model B.")
@@ -96,7 +97,8 @@ class Config:
     overwrite: bool = arg(False, "Write into a non-empty output_dir.")
 
 
-HEADLINE = re.compile(r"mcq/[^/]+/accuracy|ppl/[^/]+/(perplexity|bits_per_byte)|rouge_l/overall|winrate/win_rate|"
+HEADLINE = re.compile(r"mcq/[^/]+/accuracy|ppl/[^/]+/(perplexity|bits_per_byte)|rouge_l/overall|answer_ppl/overall|"
+                      r"winrate/win_rate|"
                       r"safety/(unsafe_rate|over_refusal_rate)|lm_eval/[^/]+/acc(_norm)?")
 
 
@@ -257,25 +259,52 @@ def _ppl(engine, files, cfg: Config, metrics: dict) -> list[str]:
         ["file", "documents", "tokens", "bytes", "perplexity", "bits/byte"], rows)
 
 
+def answer_nll(engine, convs: list[list[dict]], answers: list[str], *, batch_size: int, max_length: int):
+    """Teacher-forced negative log-likelihood of each reference answer after its prompt, tokenized as in training
+    (the answer's own tokens, not its end-of-turn token): [(nll, tokens)]."""
+    from medgpt.eval.mcq import reply_ids
+    from medgpt.eval.scoring import logprobs
+
+    requests = []
+    for messages, answer in zip(convs, answers):
+        prompt = engine.prompt_ids(messages)
+        requests.append((prompt, [reply_ids(engine, messages, prompt, answer)]))
+    scores = logprobs(engine.model, requests, pad_id=engine.pad_id, batch_size=batch_size, max_length=max_length,
+                      progress="answer loss")
+    return [(-row[0], len(conts[0])) for row, (_, conts) in zip(scores, requests)]
+
+
 def _qa(engine, files, cfg: Config, out: Path, metrics: dict) -> list[str]:
+    """Per file: the perplexity of the reference answers (teacher-forced: what training lowers) and ROUGE-L of
+    the greedy answers against them (what a reader sees)."""
     from medgpt.eval.rouge import rouge_l
     from medgpt.eval.scoring import generate_answers
 
-    rows, scores_all = [], []
+    rows, scores_all, nll_all, tokens_all = [], [], 0.0, 0
     for name, path, records in files:
         convs = [_with_system(r["prompt"], cfg.eval.system) for r in records]
+        losses = answer_nll(engine, convs, [r["answer"] for r in records], batch_size=cfg.eval.batch_size,
+                            max_length=min(cfg.eval.max_length, engine.max_context))
+        nll, tokens = sum(x for x, _ in losses), sum(n for _, n in losses)
+        nll_all, tokens_all = nll_all + nll, tokens_all + tokens
         results, _ = generate_answers(engine, convs, cfg.gen, cfg.eval.batch_size, progress=f"qa {name}")
         scores = [rouge_l(res.text, r["answer"]) for res, r in zip(results, records)]
         scores_all += scores
-        metrics.update({f"rouge_l/{name}": sum(scores) / len(scores), f"rouge_l/{name}/answers": len(scores)})
-        rows.append([name, len(scores), f"{sum(scores) / len(scores):.4f}"])
+        ppl = math.exp(nll / max(tokens, 1))
+        metrics.update({f"rouge_l/{name}": sum(scores) / len(scores), f"rouge_l/{name}/answers": len(scores),
+                        f"answer_ppl/{name}": ppl, f"answer_ppl/{name}/tokens": tokens})
+        rows.append([name, len(scores), tokens, f"{ppl:.3f}", f"{sum(scores) / len(scores):.4f}"])
         _write_jsonl(out / "predictions" / f"qa-{name}.jsonl",
                      [{"prompt": _user_text(r["prompt"]), "reference": r["answer"], "answer": res.text,
-                       "rouge_l": s} for r, res, s in zip(records, results, scores)])
+                       "rouge_l": s, "reference_nll": round(x, 4), "reference_tokens": n}
+                      for r, res, s, (x, n) in zip(records, results, scores, losses)])
     metrics["rouge_l/overall"] = sum(scores_all) / len(scores_all)
-    rows.append(["**overall**", len(scores_all), f"{metrics['rouge_l/overall']:.4f}"])
-    return ["## QA: ROUGE-L F1 (characters for CJK, words otherwise)", ""] + _table(["file", "answers", "ROUGE-L"],
-                                                                                   rows)
+    metrics["answer_ppl/overall"] = math.exp(nll_all / max(tokens_all, 1))
+    rows.append(["**overall**", len(scores_all), tokens_all, f"{metrics['answer_ppl/overall']:.3f}",
+                 f"{metrics['rouge_l/overall']:.4f}"])
+    return ["## QA: reference-answer perplexity (teacher-forced) and ROUGE-L F1 of greedy answers "
+            "(characters for CJK, words otherwise)", ""] + _table(
+        ["file", "answers", "reference tokens", "answer perplexity", "ROUGE-L"], rows)
 
 
 def _with_system(messages: list[dict], system: Optional[str]) -> list[dict]:
