@@ -9,8 +9,9 @@ The HIPAA Safe Harbor identifiers that occur in text, in Chinese and English. Cl
 (140/90 mmHg, 500 mg, 4 g/24 h, ICD-10 I10, visit dates, lab values), so a number is replaced only when its
 shape cannot be clinical or when a label says what it is:
 - ID: an 18-character resident ID with a real birth date and the right ISO 7064 MOD 11-2 check character,
-  anywhere; after an ID label (身份证号, ID card, passport, 护照) any 15/18-digit or passport-shaped value, a
-  typo being still an identifier.
+  anywhere; after an ID label (身份证号, ID card, passport, 护照) any 15-18-digit or passport-shaped value, a
+  typo being still an identifier. Hong Kong, Taiwan, Singapore, NHS and Medicare numbers anywhere with a right
+  check digit, after their label in any shape (medgpt/data/pii_formats.py).
 - BANK_CARD: 13-19 digits with a card-network prefix (3-6, or 2221-2720) passing the Luhn check; after a card
   label (银行卡号, card number) any 13-19 digits.
 - PHONE: mainland mobiles and landlines with a marked-off area code, North American ((415) 555-0132,
@@ -32,71 +33,20 @@ Only the standard library is imported here.
 
 from __future__ import annotations
 
-import datetime
 import functools
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 
+from medgpt.data import pii_formats as fmt
+from medgpt.data.pii_formats import CJK as _CJK
+from medgpt.data.pii_formats import NA as _NA
+from medgpt.data.pii_formats import NB as _NB
+from medgpt.data.pii_formats import id_check_char, luhn_ok, valid_card, valid_id  # noqa: F401 (the public API)
 from medgpt.data.pii_names import scrub_names, spread
 
 TYPES = ("ID", "PHONE", "MRN", "EMAIL", "BANK_CARD", "DOB", "NAME", "ADDRESS", "SSN", "ACCOUNT", "LICENSE",
          "PLATE", "DEVICE", "URL", "IP")
-
-# Digits and Latin letters glued to a number make it part of a longer token (a code, a serial): not PII.
-_NB = r"(?<![0-9A-Za-z])"
-_NA = r"(?![0-9A-Za-z])"
-_CJK = "\u4e00-\u9fff"
-
-# ----------------------------------------------------------------------------- validators
-
-_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
-
-
-def id_check_char(first17: str) -> str:
-    """ISO 7064 MOD 11-2 check character of a Chinese resident ID (GB 11643-1999) from its first 17 digits."""
-    total = sum(int(d) * w for d, w in zip(first17, _ID_WEIGHTS))
-    return "10X98765432"[total % 11]
-
-
-def _real_date(year: int, month: int, day: int) -> bool:
-    try:
-        d = datetime.date(year, month, day)
-    except ValueError:
-        return False
-    return datetime.date(1900, 1, 1) <= d <= datetime.date.today()
-
-
-def valid_id(number: str) -> bool:
-    """An 18-character resident ID with a plausible birth date and the right check character."""
-    if not re.fullmatch(r"[1-9]\d{16}[0-9Xx]", number):
-        return False
-    if not _real_date(int(number[6:10]), int(number[10:12]), int(number[12:14])):
-        return False
-    return id_check_char(number[:17]) == number[17].upper()
-
-
-def luhn_ok(digits: str) -> bool:
-    """The Luhn (mod 10) check that every payment card number passes."""
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = int(ch)
-        if i % 2 == 1:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-def valid_card(number: str) -> bool:
-    """13-19 digits, a card-network prefix (Amex/JCB 3, Visa 4, Mastercard 5 or 2221-2720, UnionPay 6), Luhn.
-
-    The prefix rule also spares accession numbers and timestamps, which start with 19xx/20xx."""
-    digits = re.sub(r"[ -]", "", number)
-    if not 13 <= len(digits) <= 19:
-        return False
-    if not (digits[0] in "3456" or 2221 <= int(digits[:4]) <= 2720):
-        return False
-    return luhn_ok(digits)
 
 
 def _digits(s: str) -> int:
@@ -106,8 +56,11 @@ def _digits(s: str) -> int:
 # ----------------------------------------------------------------------------- labelled values
 
 # Between a label and its value: "MRN#: 123", "住院号为123", "NHS number 943", "Member ID is X1".
-_SEP = r"(\s*(?:(?i:no\.?|number|num\.?|#)\s*)?(?:[#:：=]\s*){0,2}(?:(?:为|是|(?i:is))\s*)?)"
-_CODE = r"(\d{3}[ -]\d{3}[ -]\d{4}|[A-Za-z0-9][A-Za-z0-9-]{2,23})" + _NA  # 943 476 5919, ZY2023001, UHC-884-201
+_SEP = r"(\.?\s*(?:(?i:no\.?|number|num\.?|#)\s*)?(?:[#:：=]\s*){0,2}(?:(?:为|是|(?i:is))\s*)?)"
+# 943 476 5919, 1100 2387 6541, 2951 38471 2 (digits in groups of three or more, not a value and the next number:
+# "MRN 00482913 140/90" keeps its blood pressure), ZY2023001, UHC-884-201.
+_CODE = (r"(\d{3}-\d{3}-\d{4}" + _NA + r"|\d{3,5}(?: \d{3,5}){1,3}(?: \d)?(?![\w]|[/.:,]\d)"
+         r"|(?=[A-Za-z-]*\d)[A-Za-z0-9][A-Za-z0-9-]{2,23}" + _NA + ")")  # a word is no value: 病歷號 Chart No.: 77
 
 
 def _labelled(zh: str, en: str, value: str = _CODE) -> re.Pattern:
@@ -115,10 +68,14 @@ def _labelled(zh: str, en: str, value: str = _CODE) -> re.Pattern:
     return re.compile(rf"((?:{zh})|(?i:\b(?:{en})\b))" + _SEP + value)
 
 
-_MRN = _labelled(r"住院病历号|住院号|门诊号|病案号|病历号|就诊号|登记号|就诊卡号?|门诊卡号?|诊疗卡号?|健康档案号|档案号",
-                 r"MRN|MR|medical\s+record(?:\s+(?:no\.?|number))?|hospital\s+(?:no\.?|number)|patient\s+(?:ID|no\.?)"
-                 r"|record\s+(?:no\.?|number)|chart\s+(?:no\.?|number)?|NHS(?:\s+(?:no\.?|number))?"
-                 r"|encounter\s+(?:ID|no\.?|number)")
+_MRN = _labelled(r"住院病[历歷][号號]|住院[号號]|[门門][诊診][号號]|病案[号號]|病[历歷][号號]|[就急][诊診][号號]|登[记記][号號]"
+                 r"|就[诊診]卡[号號]?|[门門][诊診]卡[号號]?|[诊診][疗療]卡[号號]?|健康[档檔]案[号號]|[档檔]案[号號]|[体體][检檢][编編]?[号號]",
+                 r"MRN|MR|medical\s+record(?:\s+(?:no\.?|number))?|hosp(?:ital|\.)?\s+(?:no\.?|number)"
+                 r"|patient\s+(?:ID|no\.?)|record\s+(?:no\.?|number)|chart(?:\s+(?:no\.?|number)|(?=\s*#))"
+                 r"|NHS(?:\s+(?:no\.?|number))?|encounter\s+(?:ID|no\.?|number)|URN|UR\s+(?:no\.?|number)")
+# Exam, imaging and pathology numbers: only a value with letters and digits (CT240318-0562); a bare number after
+# 标本号 or 检验编号 is as often a timestamp or a batch as a patient's.
+_EXAM = _labelled(r"[检檢]查[编編]?[号號]|影像[编編]?[号號]|病理[编編]?[号號]|放射[编編]?[号號]|超[声聲][编編]?[号號]", r"(?!)")
 _ACCOUNT = _labelled(r"医保卡号|医保号|医保卡|社保卡号|社保号|社保卡|医疗保险号|保险号|保单号|银行账号|账号|帐号|账户|帐户",
                      r"account(?:\s+(?:no\.?|number))?|acct\.?|member\s+(?:ID|no\.?|number)|subscriber\s+ID"
                      r"|policy\s+(?:ID|no\.?|number)|(?:health\s+)?plan\s+(?:ID|no\.?|number)|insurance\s+(?:ID|no\.?|number)"
@@ -132,26 +89,35 @@ _PLATE_VALUE = (r"([京津沪渝冀豫云辽黑湘皖鲁新苏浙赣鄂桂甘晋
                 r"|[A-Z0-9][A-Z0-9 -]{2,8}[A-Z0-9])" + _NA)
 _PLATE = _labelled(r"车牌号码|车牌号|车牌", r"(?:licen[cs]e\s+|vehicle\s+|number\s+)?plate|vehicle\s+reg(?:istration)?"
                    r"|registration\s+(?:no\.?|number)", _PLATE_VALUE)
+# Handles after an app label: 微信号liujia_1988, WeChat ID: tan.sl88 (a digit or "_" shows it is no word).
+_HANDLE = _labelled(r"微信[号號]?|QQ[号號]?|支付宝[账帐]?[号號]?|[账帐][号號]|用[户戶]名",
+                    r"wechat(?:\s+ID)?|skype|telegram|user\s*name|user\s+ID|handle|line\s+ID",
+                    r"([A-Za-z0-9][A-Za-z0-9_.-]{3,30}[A-Za-z0-9])(?![\w@.-])")
 _PASSPORT = _labelled(r"护照号码|护照号|护照|港澳通行证号?|军官证号?", r"passport", r"([A-Za-z]{0,2}\d[A-Za-z0-9]{5,12})" + _NA)
 _ID_LABELLED = _labelled(r"公民身份号码|居民身份证号码|居民身份证号|居民身份证|身份证号码|身份证号|身份证",
-                         r"ID\s*card|national\s+ID", r"(\d{17}[\dXx]|\d{15})(?![0-9])")
+                         r"ID\s*card|national\s+ID", r"(\d{14,17}[\dXx])(?![0-9])")  # 15-18 digits, a typo too
+_REGIONAL_ID_LABELLED = _labelled(r"身[分份][證证](?:字[號号]|[號号]碼?)?|[統统]一[證证][號号]|居留[證证][號号]?",
+                                  r"HKID|NRIC|FIN|IC|ID\s*card|identity\s+card|national\s+ID|ARC", fmt.REGIONAL_ID_VALUE)
 _SSN_LABELLED = _labelled(r"社会安全号", r"SSN|social\s+security", r"(\d{3}[- ]?\d{2}[- ]?\d{4})(?![0-9])")
 _CARD_LABELLED = _labelled(r"银行卡号|银行卡|信用卡号|卡号", r"card|credit\s+card|debit\s+card",
                            r"(\d{4}(?:[ -]?\d{4}){2,3}(?:[ -]?\d{1,4})?|\d{13,19})(?![0-9])")
 
 _MONTHS = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)[a-z]*\.?"
-_DATE = (r"(?:\d{4}\s*年\s*\d{1,2}\s*月(?:\s*\d{1,2}\s*[日号])?"
+_DATE = (r"(?:民[國国]\s*\d{1,3}\s*年\s*\d{1,2}\s*月(?:\s*\d{1,2}\s*[日号])?"  # the Republic of China calendar
+         r"|\d{4}\s*年\s*\d{1,2}\s*月(?:\s*\d{1,2}\s*[日号])?"
          r"|\d{1,2}\s*月\s*\d{1,2}\s*[日号]"
          r"|\d{4}[-/.]\d{1,2}(?:[-/.]\d{1,2})?"
          r"|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}"
          r"|(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])"
          rf"|(?i:{_MONTHS}\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{4}})"
-         rf"|(?i:\d{{1,2}}(?:st|nd|rd|th)?\s+{_MONTHS},?\s+\d{{4}})"
+         rf"|(?i:\d{{1,2}}(?:st|nd|rd|th)?(?:\s+|[-/]){_MONTHS}(?:,?\s+|[-/])(?:\d{{4}}|\d{{2}}))"  # 12-Sep-1955
          rf"|(?i:{_MONTHS},?\s+\d{{4}})"
          r"|(?:18|19|20)\d{2}(?:\s*年)?)")
 _DOB = re.compile(r"((?:出生日期|出生年月日|出生年月|出生时间|出生于|出生|生于|生日)"
                   r"|(?i:\bDOB\b|\bD\.O\.B\.?|\bdate\s+of\s+birth|\bbirth\s*date|\bbirthday|\bb\.|\bborn(?:\s+(?:on|in))?))"
-                  rf"(\s*(?:[:：]|为|是|(?i:is))?\s*)({_DATE})(?![0-9])")
+                  r"(\s*(?:(?:出生日期|(?i:DOB|date\s+of\s+birth))\s*)?"  # a bilingual label: DOB 出生日期:
+                  rf"(?:[:：]|为|是|(?i:is))?\s*)({_DATE})(?![0-9])")
+_DOB_AGAIN = re.compile(rf"(\[DOB\][ \t]*[(（][ \t]*)()({_DATE})(?=[ \t]*[)）])")  # 民國60年3月15日 (1971/03/15)
 _DATE_THEN_BORN = re.compile(rf"()()({_DATE})(?=\s*(?:\d{{1,2}}[:：]\d{{2}}\s*)?出生(?!缺陷))")
 
 # ----------------------------------------------------------------------------- shapes
@@ -179,9 +145,11 @@ _LANDLINE = re.compile(
 _NANP = re.compile(r"(?<![\w+.])(?:(?:\+1[ \t.-]?|1-)\(?[2-9]\d{2}\)?[ \t.-]?[2-9]\d{2}[ \t.-]?\d{4}"   # +1 415 555 0132
                    r"|\([2-9]\d{2}\)[ \t]?[2-9]\d{2}[ \t.-]\d{4}"                                # (415) 555-0132
                    r"|[2-9]\d{2}-[2-9]\d{2}-\d{4}|[2-9]\d{2}\.[2-9]\d{2}\.\d{4})" + _PHONE_END)
+# Toll-free lines (US/Canada 8XX, 800/400 in China) belong to services such as crisis lines, not to a person.
+_TOLL_FREE = re.compile(r"^(?:\+1[ \t.-]?|1-)?\(?8(?:00|33|44|55|66|77|88)\b")
 _INTL = re.compile(r"(?<![\w+])\+(?!86)[2-9]\d{0,2}[ \t.-]?(?:\(0\)[ \t]?)?\d{1,5}(?:[ \t.-]?\d{2,5}){1,4}" + _PHONE_END)
 _UK = re.compile(r"(?<![\w+.])0\d{2,4}[ \t-]\d{3,4}[ \t-]?\d{3,4}" + _PHONE_END)
-_PHONE_LABELLED = re.compile(r"((?:联系)?电话(?:号码)?|手机(?:号码|号)?|座机|传真|联系方式"
+_PHONE_LABELLED = re.compile(r"((?:联系|聯絡|聯繫)?[电電]话(?:号码)?|[电電]話(?:號碼)?|手[机機](?:号码|号|號碼|號)?|座机|传真|傳真|联系方式|聯絡方式"
                              r"|(?i:\b(?:tel|phone|telephone|mobile|cell(?:\s*phone)?|fax|contact\s+number)\b\.?))"
                              r"([ \t]*(?:(?i:no\.?|number|#)[ \t]*)?[:：]?[ \t]*)(\+?[\d(][\d \t().-]{5,20}\d)" + _PHONE_END)
 
@@ -210,11 +178,17 @@ _STREET = (r"(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Cou
            r"|Parkway|Pkwy|Circle|Cir|Highway|Hwy|Square|Sq|Crescent|Close|Gardens|Row|Trail|Plaza)")
 _EN_STREET_HINT = re.compile(r"\d[A-Za-z]?(?:-\d+)?[ \t]+[A-Z]")
 _UK_POSTCODE = r"[A-Z]{1,2}\d[A-Z\d]?[ \t]?\d[A-Z]{2}"
+_STATE = r"(?:[A-Z]{2}|VIC|NSW|QLD|TAS|ACT)(?![A-Za-z])"  # US and Australian states
+# ", Springfield, IL 62704", ", Sandringham VIC 3191", ", Leeds LS6 2QT": the town, state and postcode after a street
+_EN_TOWN = (rf"(?:,[ \t]*(?:{_EN_WORD}[ \t]+){{0,2}}{_EN_WORD}(?:,?[ \t]+{_STATE})?"
+            rf"(?:[ \t]+(?:\d{{5}}(?:-\d{{4}})?|\d{{4}}|{_UK_POSTCODE}))?(?![\w]))?")
 _EN_ADDRESS = re.compile(
-    rf"(?<![\w.])\d{{1,6}}[A-Za-z]?(?:-\d{{1,6}})?[ \t]+(?:[NSEW]\.?[ \t]+)?(?:{_EN_WORD}[ \t]+){{1,3}}{_STREET}\.?"
-    r"(?![A-Za-z])(?:,?[ \t]*(?:Apt|Apartment|Suite|Ste|Unit|Flat|Rm|Room|#)\.?[ \t]*#?[A-Za-z0-9-]{1,6})?"
-    rf"(?:,[ \t]*(?:{_EN_WORD}[ \t]+){{0,2}}{_EN_WORD}(?:,?[ \t]+[A-Z]{{2}}(?![A-Za-z]))?"
-    rf"(?:[ \t]+(?:\d{{5}}(?:-\d{{4}})?|{_UK_POSTCODE}))?(?![\w]))?")
+    r"(?<![\w./])(?:(?:Unit|Flat|Apt|Suite|Level|Shop)[ \t]+\d{1,4}[A-Za-z]?[ \t]*[/,][ \t]*|\d{1,4}[A-Za-z]?/)?"  # Unit 12/45
+    rf"\d{{1,6}}[A-Za-z]?(?:-\d{{1,6}})?[ \t]+(?:[NSEW]\.?[ \t]+)?(?:(?:{_EN_WORD}|\d{{1,3}}(?:st|nd|rd|th))[ \t]+){{1,3}}"
+    rf"{_STREET}\.?(?![A-Za-z])(?:,?[ \t]*(?:Apt|Apartment|Suite|Ste|Unit|Flat|Rm|Room|#)\.?[ \t]*#?[A-Za-z0-9-]{{1,6}})?"
+    + _EN_TOWN)
+_PO_BOX = re.compile(r"(?<![\w])(?:P\.?[ \t]?O\.?[ \t]?Box|GPO[ \t]+Box|Locked[ \t]+Bag|Private[ \t]+Bag)[ \t]*\d{1,6}"
+                     + _NA + _EN_TOWN)
 _EN_ADDRESS_LABELLED = re.compile(
     r"((?i:\b(?:(?:home|current|mailing|permanent|street)\s+)?address(?:\s+is)?|\b(?:lives|living|resides|residing)"
     r"\s+at))([ \t]*[:：]?[ \t]*)([^\n;]{4,120}?)(?=[ \t]*(?:[\n;]|$)|\.(?:\s|$)|,?[ \t]+(?:and|with|but)[ \t]"
@@ -225,12 +199,22 @@ _PLACE_LABELLED = re.compile(r"((?:邮编|邮政编码)|(?i:\b(?:city|town|count
 
 # ----------------------------------------------------------------------------- replacers
 
+_PLACEHOLDER = re.compile(r"\[[A-Z_]+\]")
+
+
 def _sub(pattern: re.Pattern, kind: str, keep: Callable[[re.Match], bool] | None, counts: Counter,
          text: str, value_group: int = 0) -> str:
-    """Replace `pattern` matches (only `value_group` of them, the rest kept) with [kind] when `keep` agrees."""
+    """Replace `pattern` matches (only `value_group` of them, the rest kept) with [kind] when `keep` agrees.
+
+    A value that cuts through a placeholder an earlier rule wrote is left alone ("[ADDRESS] 2" may become one
+    placeholder, never "[ADDRESS[ADDRESS]")."""
+    placed = [(p.start(), p.end()) for p in _PLACEHOLDER.finditer(text)] if "[" in text else []
 
     def repl(m: re.Match) -> str:
         if keep is not None and not keep(m):
+            return m.group(0)
+        s, e = m.span(value_group)
+        if any(a < e and s < b and not (s <= a and b <= e) for a, b in placed):
             return m.group(0)
         counts[kind] += 1
         if not value_group:
@@ -249,14 +233,18 @@ def _has_digit(m: re.Match) -> bool:
 # substring tests, so the full patterns only run on the few strings that could hold that identifier.
 _SEVEN_DIGITS = re.compile(r"\d{3}[\s.-]?\d{4}")
 _DOTTED = re.compile(r"\d\.\d{1,3}\.\d")
-_MRN_HINTS = ("住院", "门诊", "病案", "病历", "就诊", "登记号", "诊疗卡", "档案号")
+_MRN_HINTS = ("住院", "门诊", "門診", "病案", "病历", "病歷", "就诊", "就診", "急诊", "急診", "登记号", "登記號", "诊疗卡",
+              "診療卡", "档案号", "檔案號", "体检", "體檢")
+_EXAM_HINTS = ("检查", "檢查", "影像", "病理", "放射", "超声", "超聲")
+_HANDLE_HINTS = ("微信", "QQ", "支付宝", "账号", "帐号", "賬號", "帳號", "用户名", "用戶名")
+_HANDLE_WORDS = ("wechat", "skype", "telegram", "username", "user name", "user id", "handle", "line id")
 _ACCOUNT_HINTS = ("医保", "社保", "保险", "保单", "账", "帐")
 _ACCOUNT_WORDS = ("account", "acct", "member", "plan id", "plan no", "plan number", "policy", "insurance", "medicaid",
                   "medicare", "group no", "group number", "group #", "beneficiary", "subscriber")
 _LICENSE_HINTS = ("驾驶证", "驾照", "执业", "资格证", "许可证")
 _LICENSE_WORDS = ("licen", "dea ", "dea#", "dea:", "npi", "certificate")
 _MRN_WORDS = ("mrn", "mr#", "mr #", "medical record", "record no", "record number", "record #", "hospital no",
-              "hospital number", "patient id", "patient no", "chart", "nhs", "encounter")
+              "hospital number", "hosp", "patient id", "patient no", "chart", "nhs", "encounter", "urn", "ur no", "ur number")
 _DEVICE_WORDS = ("serial", "s/n", "sn:", "sn ", "sn#", "device id", "device serial", "udi", "imei")
 
 
@@ -277,15 +265,20 @@ def _scrub_ip(text, low, counts):
 
 
 def _scrub_mrn(text, low, counts):
-    if not (any(k in text for k in _MRN_HINTS) or any(k in low for k in _MRN_WORDS)):
-        return text
-    return _sub(_MRN, "MRN", _has_digit, counts, text, 3)
+    if any(k in text for k in _MRN_HINTS) or any(k in low for k in _MRN_WORDS):
+        text = _sub(_MRN, "MRN", lambda m: _has_digit(m) and len(re.sub(r"\W", "", m.group(3))) >= 5, counts, text,
+                    3)  # 5+: a record number, not a service line such as NHS 111
+    if any(k in text for k in _EXAM_HINTS):
+        text = _sub(_EXAM, "MRN", lambda m: _has_digit(m) and re.search("[A-Za-z]", m.group(3)), counts, text, 3)
+    return text
 
 
 def _scrub_account(text, low, counts):
-    if not (any(k in text for k in _ACCOUNT_HINTS) or any(k in low for k in _ACCOUNT_WORDS)):
-        return text
-    return _sub(_ACCOUNT, "ACCOUNT", _has_digit, counts, text, 3)
+    if any(k in text for k in _ACCOUNT_HINTS) or any(k in low for k in _ACCOUNT_WORDS):
+        text = _sub(_ACCOUNT, "ACCOUNT", _has_digit, counts, text, 3)
+    if any(k in text for k in _HANDLE_HINTS) or any(k in low for k in _HANDLE_WORDS):
+        text = _sub(_HANDLE, "ACCOUNT", lambda m: _has_digit(m) or "_" in m.group(3), counts, text, 3)
+    return text
 
 
 def _scrub_license(text, low, counts):
@@ -311,6 +304,8 @@ def _scrub_dob(text, low, counts):
             or any(k in low for k in ("dob", "d.o.b", "birth", "born", "b."))):
         return text
     text = _sub(_DOB, "DOB", None, counts, text, 3)
+    if "[DOB]" in text:  # the same date again, in another calendar or format, in brackets right after it
+        text = _sub(_DOB_AGAIN, "DOB", None, counts, text, 3)
     return _sub(_DATE_THEN_BORN, "DOB", None, counts, text, 3) if "出生" in text else text
 
 
@@ -325,9 +320,27 @@ def _scrub_id(text, low, counts):
         text = _sub(_ID_LABELLED, "ID", None, counts, text, 3)
     if any(k in text for k in ("护照", "通行证", "军官证")) or "passport" in low:
         text = _sub(_PASSPORT, "ID", None, counts, text, 3)
+    text = _scrub_regional_id(text, low, counts)
     if not _SEVEN_DIGITS.search(text):
         return text
     return _sub(_ID18, "ID", lambda m: valid_id(m.group(0)), counts, text)
+
+
+_REGIONAL_HINT = re.compile(r"[A-Z]\d{6}|\d{3} \d")
+_REGIONAL_LABELS = ("hkid", "nric", "fin", "ic", "id", "arc")
+
+
+def _scrub_regional_id(text, low, counts):
+    """Hong Kong, Taiwan, Singapore, NHS and Medicare numbers: after a label in any shape, else with a check digit."""
+    if not _REGIONAL_HINT.search(text):
+        return text
+    if any(k in text for k in ("身分", "身份", "證號", "证号")) or any(k in low for k in _REGIONAL_LABELS):
+        text = _sub(_REGIONAL_ID_LABELLED, "ID", None, counts, text, 3)
+    checked = ((fmt.HKID, fmt.valid_hkid), (fmt.TW_ID, fmt.valid_tw_id), (fmt.NRIC, fmt.valid_nric),
+               (fmt.NHS_SPACED, fmt.valid_nhs), (fmt.MEDICARE, fmt.valid_medicare))
+    for pattern, valid in checked:
+        text = _sub(pattern, "ID", lambda m, valid=valid: valid(m.group(0)), counts, text)
+    return text
 
 
 def _scrub_card(text, low, counts):
@@ -339,10 +352,12 @@ def _scrub_card(text, low, counts):
 def _scrub_phone(text, low, counts):
     text = _sub(_MOBILE, "PHONE", None, counts, text)
     text = _sub(_LANDLINE, "PHONE", None, counts, text)
-    text = _sub(_NANP, "PHONE", None, counts, text)
+    text = _sub(_NANP, "PHONE", lambda m: not _TOLL_FREE.search(m.group(0)), counts, text)
     text = _sub(_INTL, "PHONE", lambda m: 8 <= _digits(m.group(0)) <= 15, counts, text) if "+" in text else text
     text = _sub(_UK, "PHONE", lambda m: 10 <= _digits(m.group(0)) <= 12, counts, text)
-    return _sub(_PHONE_LABELLED, "PHONE", lambda m: 7 <= _digits(m.group(3)) <= 15, counts, text, 3)
+    text = _sub(fmt.PAREN_TRUNK, "PHONE", None, counts, text) if "(0" in text else text
+    text = _sub(_PHONE_LABELLED, "PHONE", lambda m: 7 <= _digits(m.group(3)) <= 15, counts, text, 3)
+    return _sub(fmt.CALL_LABELLED, "PHONE", lambda m: 7 <= _digits(m.group(3)) <= 15, counts, text, 3)
 
 
 def _zh_place(m: re.Match) -> bool:
@@ -362,6 +377,8 @@ def _scrub_address(text, low, counts):
         text = _sub(_ZH_ADDRESS, "ADDRESS", None, counts, text)
     if any(c.isdigit() for c in text) and _EN_STREET_HINT.search(text):
         text = _sub(_EN_ADDRESS, "ADDRESS", None, counts, text)
+    if any(k in low for k in ("box", "bag")):
+        text = _sub(_PO_BOX, "ADDRESS", None, counts, text)
     if any(k in low for k in ("address", "lives at", "living at", "resides at", "residing at")):
         text = _sub(_EN_ADDRESS_LABELLED, "ADDRESS", _en_place, counts, text, 3)
     if any(k in low for k in ("city", "town", "county", "zip", "postal", "postcode", "邮编", "邮政")):
