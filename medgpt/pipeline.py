@@ -39,7 +39,7 @@ from medgpt.infer.sample import SampleConfig, run_sample
 from medgpt.utils import MedGPTError, atomic_write, is_main_process, log, write_json
 
 MARKER = "pipeline_step.json"  # in a step's dir after it succeeded: its argv, resolved config, wall time
-REPORT = "report.md"
+REPORT, SUMMARY = "report.md", "summary.json"
 STEP_KEYS = ("name", "command", "config", "args")
 WEIGHTS = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json")
 # What a finished run leaves in its dir (a tuple: any one of them). Other commands: the marker alone counts.
@@ -466,6 +466,39 @@ def write_report(root: Path, steps: list[Step]) -> None:
                     details += ["", f"Reference (ROUGE-L {row['rouge_l']:.2f}): {ref}"]
     with atomic_write(root / REPORT) as f:
         f.write("\n".join(lines + evaluation_table(steps) + details) + "\n")
+    write_json(root / SUMMARY, summary_json(steps))
+
+
+# The before/after figures of a recipe with eval steps, under fixed names other checks read: the first eval step
+# is "before", the last "after".
+SUMMARY_KEYS = {"heldout_ppl": "answer_ppl/overall", "unsafe_rate": "safety/unsafe_rate",
+                "over_refusal": "safety/over_refusal_rate", "mcq_accuracy": "mcq/overall/accuracy",
+                "rouge_l": "rouge_l/overall"}
+
+
+def summary_json(steps: list[Step]) -> dict:
+    """<output_dir>/summary.json: what was fine-tuned, each step's status and seconds, the first and the last eval
+    step's headline numbers as NAME_before / NAME_after, and the knowledge-base figures of the last eval."""
+    def metrics(s: Step) -> dict:
+        try:
+            return json.loads((s.out / "metrics.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    trained = next((s for s in steps if s.command not in ("eval", "sample", "merge") and s.parsed is not None
+                    and getattr(getattr(s.parsed, "model", None), "name_or_path", None)), None)
+    out: dict[str, Any] = {"model": trained.parsed.model.name_or_path if trained else None,
+                           "seconds": round(sum(s.wall or 0 for s in steps if s.status in ("ran", "skipped")), 1),
+                           "steps": {s.name: {"command": s.command, "status": s.status,
+                                              "seconds": round(s.wall, 1) if s.wall is not None else None}
+                                     for s in steps}}
+    evals = [metrics(s) for s in steps if s.command == "eval" and s.status in ("ran", "skipped")]
+    if evals:
+        for name, key in SUMMARY_KEYS.items():
+            out[f"{name}_before"], out[f"{name}_after"] = evals[0].get(key), evals[-1].get(key)
+        for key in ("hit_rate", "hit_at_1", "cited_right_rate"):
+            out[f"rag_{key}"] = evals[-1].get(f"rag/{key}")
+    return out
 
 
 def evaluation_table(steps: list[Step]) -> list[str]:

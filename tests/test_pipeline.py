@@ -225,6 +225,11 @@ def test_eval_steps_show_before_and_after(tmp_path, tiny_llama, capsys):
     scored = [json.loads(x) for x in (tmp_path / "out" / "answers" / "samples.jsonl").read_text().splitlines()][-1]
     assert re.search(r"\| answers \| sample \| ran \| .* \| rouge_l [0-9.]+, rouge_l_answers 1 \|", report), report
     assert f"Reference (ROUGE-L {scored['rouge_l']:.2f}): {' '.join(scored['reference'].split())[:300]}" in report
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["mcq_accuracy_before"] == before and summary["mcq_accuracy_after"] == after
+    assert summary["model"] == str(tiny_llama) and summary["heldout_ppl_before"] is None  # no qa_files here
+    assert set(summary["steps"]) == {s["name"] for s in data["steps"]}
+    assert summary["seconds"] == pytest.approx(sum(s["seconds"] for s in summary["steps"].values()), abs=0.5)
     code, text = pipeline(capsys, path)  # complete: both eval steps are skipped the second time
     assert code == 0 and "=== step" not in text  # complete: nothing reruns, the eval steps included
 
