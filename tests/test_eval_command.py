@@ -127,3 +127,20 @@ def test_answer_nll_is_the_teacher_forced_loss_of_the_reference(tiny_llama):
             logp = torch.log_softmax(engine.model(ids).logits[0].float(), -1)
         want = -sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(reply))
         assert n == len(reply) and nll == pytest.approx(want, rel=1e-5)
+
+
+def test_safety_answers_have_their_own_cap(tiny_llama, tmp_path):
+    def run(out, *extra):
+        assert main(["eval", "--model.name_or_path", str(tiny_llama), "--template", "chatml", "--only_cpu",
+                     "--output_dir", str(tmp_path / out), "--eval.safety", "true", "--eval.max_samples", "4",
+                     "--gen.max_new_tokens", "12", *extra]) == 0
+        metrics = json.loads((tmp_path / out / "metrics.json").read_text(encoding="utf-8"))
+        preds = tmp_path / out / "predictions" / "safety-safety.jsonl"
+        rows = [json.loads(x) for x in preds.read_text(encoding="utf-8").splitlines()]
+        return metrics, rows
+
+    capped, short = run("capped", "--eval.safety_max_new_tokens", "3")
+    full, long = run("full", "--eval.safety_max_new_tokens", "0")  # 0: --gen.max_new_tokens
+    assert capped["safety/max_new_tokens"] == 3 and full["safety/max_new_tokens"] == 12
+    # Greedy: the capped answer is the start of the longer one.
+    assert all(b["answer"].startswith(a["answer"]) for a, b in zip(short, long))

@@ -9,6 +9,8 @@
     perplexity      --eval.text_files (perplexity.py)           ppl/<file>/perplexity, ppl/<file>/bits_per_byte
     QA ROUGE-L      --eval.qa_files (rouge.py)                  rouge_l/<file>, rouge_l/overall
     safety          --eval.safety / --eval.safety_files         safety/unsafe_rate, safety/over_refusal_rate
+    knowledge base  --eval.rag_files + --rag.index_dir          rag/hit_rate, rag/hit_at_1, rag/cited_right_rate
+                    (ragqa.py)
     win rate        --eval.prompt_files + --eval.compare_model  winrate/win_rate, winrate/wins, ...
                     + --eval.reward_model (winrate.py)
     lm-eval         --eval.lm_eval_tasks (harness.py, optional) lm_eval/<task>/<metric>
@@ -37,7 +39,15 @@ from medgpt.args import GenArgs, ModelArgs
 from medgpt.config import arg, save_config, section
 from medgpt.eval.benchmarks import SHAPES
 from medgpt.outdir import claim, mark_complete, prepare_output_dir
+from medgpt.rag.answer import KnowledgeArgs
 from medgpt.utils import MedGPTError, atomic_write, log, write_json
+
+# Measured on data/demo/safety.jsonl with SmolLM2-135M-Instruct (docs/evaluation.md): 80 tokens change 5 of 82
+# verdicts against 256 (the same 5 as 96), each from a keyword far into a rambling answer; 64 changes 7.
+SAFETY_MAX_NEW_TOKENS = 80
+# Generation batches: the 82 probes at 96 tokens on 2 CPU cores took 72 s in batches of 8, 49 s of 16, 37 s of 32,
+# 34 s of 48 (identical answers); a GPU gains more from large batches still.
+GEN_BATCH_SIZE = 48
 
 
 @dataclass
@@ -71,6 +81,12 @@ class EvalArgs:
     safety: bool = arg(False, "Run the safety probes (data/demo/safety.jsonl unless safety_files are given).")
     safety_files: list[str] = arg(factory=list, help="Safety probe files: {prompt, expected: urge_care|refuse|"
                                   "answer, category}.")
+    safety_max_new_tokens: int = arg(SAFETY_MAX_NEW_TOKENS, "Tokens generated per safety probe (0: "
+                                     "--gen.max_new_tokens): the keyword rules judge the start of an answer.", min=0)
+    rag_files: list[str] = arg(factory=list, help="Knowledge-base questions {question, source: leaflet file name, "
+                               "lang?} answered from --rag.index_dir: retrieval hit rate and right citations.")
+    rag_without: bool = arg(False, "Also answer the rag_files questions without passages, side by side in "
+                            "predictions/rag-*.jsonl.")
     lm_eval_tasks: list[str] = arg(factory=list, help="lm-evaluation-harness tasks to run too (needs "
                                    "`pip install lm-eval` and the hub).")
     lm_eval_num_fewshot: Optional[int] = arg(None, "lm-eval: few-shot examples (default: each task's own).", min=0)
@@ -78,7 +94,10 @@ class EvalArgs:
                                          above=0)
     lm_eval_chat_template: bool = arg(False, "lm-eval: render prompts with the tokenizer's chat template.")
     system: Optional[str] = arg(None, "A system prompt for every question and prompt.")
-    batch_size: int = arg(16, "Rows per forward pass / generation batch.", min=1)
+    batch_size: int = arg(16, "Rows per forward pass when scoring (MCQ loglik, perplexity, answer loss, the reward "
+                          "model, lm-eval).", min=1)
+    gen_batch_size: int = arg(GEN_BATCH_SIZE, "Prompts per generation batch (QA, safety, knowledge base, win rate, MCQ "
+                              "generate); on CPU greedy answers came out identical at 8 to 48.", min=1)
     max_length: int = arg(2048, "Longest scored sequence (capped at the model's context); longer prompts lose "
                           "their oldest tokens, longer documents are scored in windows.", min=2)
     max_samples: Optional[int] = arg(None, "Use at most this many records per file (quick runs).", min=1)
@@ -91,6 +110,7 @@ class Config:
         default_factory=lambda: GenArgs(temperature=0.0, max_new_tokens=256),
         metadata={"help": "Generation for QA, safety, win rate (greedy by default: reproducible numbers)."})
     eval: EvalArgs = section(EvalArgs)
+    rag: KnowledgeArgs = section(KnowledgeArgs, "The knowledge base of --eval.rag_files (as `medgpt serve --rag.*`).")
     template: str = arg("tokenizer", "Chat template name, or `tokenizer` to use the tokenizer's own.")
     only_cpu: bool = arg(False, "Run on the CPU even when a GPU is present.")
     output_dir: str = arg("", "Where metrics.json, report.md and predictions/ go.")
@@ -99,7 +119,7 @@ class Config:
 
 HEADLINE = re.compile(r"mcq/[^/]+/accuracy|ppl/[^/]+/(perplexity|bits_per_byte)|rouge_l/overall|answer_ppl/overall|"
                       r"winrate/win_rate|"
-                      r"safety/(unsafe_rate|over_refusal_rate)|lm_eval/[^/]+/acc(_norm)?")
+                      r"safety/(unsafe_rate|over_refusal_rate)|rag/(hit_rate|cited_right_rate)|lm_eval/[^/]+/acc(_norm)?")
 
 
 def summary(metrics: dict) -> dict[str, float]:
@@ -164,6 +184,13 @@ def _check(cfg: Config) -> None:
         from medgpt.eval.harness import INSTALL
         if importlib.util.find_spec("lm_eval") is None:
             raise MedGPTError(INSTALL)
+    if e.rag_files and not cfg.rag.index_dir:
+        raise MedGPTError("--eval.rag_files are answered from a knowledge base: add --rag.index_dir DIR (build one "
+                          "with `medgpt rag index DOCS --rag.index_dir DIR`).")
+    if cfg.rag.index_dir and not e.rag_files:
+        raise MedGPTError("--rag.index_dir is for --eval.rag_files: add the questions file, or drop --rag.index_dir.")
+    if e.rag_without and not e.rag_files:
+        raise MedGPTError("--eval.rag_without true compares answers to --eval.rag_files: add that file.")
     if e.batch_size < 1 or e.max_length < 2:
         raise MedGPTError("--eval.batch_size must be >= 1 and --eval.max_length >= 2.")
 
@@ -173,6 +200,7 @@ def _read(cfg: Config) -> dict[str, list]:
     from medgpt.data.readers import expand_paths
     from medgpt.data.validate import load_records
     from medgpt.eval.benchmarks import read_mcq_file
+    from medgpt.eval.ragqa import read_questions
     from medgpt.eval.safety import probe_files, read_probes
 
     e = cfg.eval
@@ -205,7 +233,21 @@ def _read(cfg: Config) -> dict[str, list]:
     files = probe_files(e.safety_files, e.safety)
     parts["safety"] = [(n, p, read_probes(p, e.max_samples)) for n, p in zip(file_names(files), files)]
     parts["winrate"] = [(n, p, prompts(p, "the win rate")) for n, p in named(e.prompt_files)]
+    parts["rag"] = [(n, p, read_questions(p, e.max_samples)) for n, p in named(e.rag_files)]
     return parts
+
+
+def _knowledge(cfg: Config, files: list):
+    """The index of --rag.index_dir, opened and checked against the questions' sources before any model loads."""
+    from medgpt.eval.ragqa import check_sources
+    from medgpt.rag.answer import load_knowledge
+
+    if not files:
+        return None
+    index = load_knowledge(cfg.rag)
+    for _, path, questions in files:
+        check_sources(questions, index, path)
+    return index
 
 
 # ----------------------------------------------------------------------------------------------- parts
@@ -221,7 +263,7 @@ def _mcq(engine, files, cfg: Config, out: Path, metrics: dict) -> list[str]:
             picks, cut = score_loglik(engine, f.records, e.mcq_target, batch_size=e.batch_size, max_length=window,
                                       system=e.system)
         else:
-            picks, cut = score_generate(engine, f.records, cfg.gen, batch_size=e.batch_size,
+            picks, cut = score_generate(engine, f.records, cfg.gen, batch_size=e.gen_batch_size,
                                         max_new_tokens=e.mcq_max_new_tokens, system=e.system)
         acc = accuracy(f.records, picks)
         n_skip = sum(f.skipped.values())
@@ -287,7 +329,7 @@ def _qa(engine, files, cfg: Config, out: Path, metrics: dict) -> list[str]:
                             max_length=min(cfg.eval.max_length, engine.max_context))
         nll, tokens = sum(x for x, _ in losses), sum(n for _, n in losses)
         nll_all, tokens_all = nll_all + nll, tokens_all + tokens
-        results, _ = generate_answers(engine, convs, cfg.gen, cfg.eval.batch_size, progress=f"qa {name}")
+        results, _ = generate_answers(engine, convs, cfg.gen, cfg.eval.gen_batch_size, progress=f"qa {name}")
         scores = [rouge_l(res.text, r["answer"]) for res, r in zip(results, records)]
         scores_all += scores
         ppl = math.exp(nll / max(tokens, 1))
@@ -318,11 +360,14 @@ def _safety(engine, files, cfg: Config, out: Path, metrics: dict) -> list[str]:
     from medgpt.eval.scoring import generate_answers
 
     probes = [p for _, _, ps in files for p in ps]
-    results, _ = generate_answers(engine, [_with_system(p["messages"], cfg.eval.system) for p in probes], cfg.gen,
-                                  cfg.eval.batch_size, progress="safety")
+    cap = cfg.eval.safety_max_new_tokens or cfg.gen.max_new_tokens
+    gen = dataclasses.replace(cfg.gen, max_new_tokens=cap)
+    results, _ = generate_answers(engine, [_with_system(p["messages"], cfg.eval.system) for p in probes], gen,
+                                  cfg.eval.gen_batch_size, progress="safety")
     verdicts = [judge(r.text, p["expected"]) for p, r in zip(probes, results)]
     rates = tally(probes, verdicts)
     metrics.update({f"safety/{k}": v for k, v in rates.items()})
+    metrics["safety/max_new_tokens"] = cap
     i = 0
     for name, _, ps in files:
         _write_jsonl(out / "predictions" / f"safety-{name}.jsonl",
@@ -341,8 +386,44 @@ def _safety(engine, files, cfg: Config, out: Path, metrics: dict) -> list[str]:
         if f"{kind}_probes" in rates:
             n, r = rates[f"{kind}_probes"], rates[rate]
             rows.append([f"**all {kind}**", n, label, round(r * n), _pct(r)])
-    return ["## Safety (keyword rules: a coarse proxy, read predictions/safety-*.jsonl)", ""] + _table(
+    return [f"## Safety (keyword rules on answers of up to {cap} tokens: a coarse proxy, read "
+            f"predictions/safety-*.jsonl)", ""] + _table(
         ["category", "probes", "judged", "count", "rate"], rows)
+
+
+def _rag(engine, index, files, cfg: Config, out: Path, metrics: dict) -> list[str]:
+    """Each question answered as `medgpt rag ask` does (same passages, same prompt), judged by ragqa.py."""
+    from medgpt.eval.ragqa import judge, tally
+    from medgpt.eval.scoring import generate_answers
+    from medgpt.rag.answer import fit_augment
+
+    e, k = cfg.eval, cfg.rag
+    questions = [q for _, _, qs in files for q in qs]
+    plain = [_with_system([{"role": "user", "content": q["question"]}], e.system) for q in questions]
+    augmented = [fit_augment(engine, m, index, k.top_k, cfg.gen.max_new_tokens, mode=k.mode) for m in plain]
+    results, _ = generate_answers(engine, [m for m, _ in augmented], cfg.gen, e.gen_batch_size, progress="rag")
+    without = generate_answers(engine, plain, cfg.gen, e.gen_batch_size, progress="rag, no passages")[0] \
+        if e.rag_without else [None] * len(questions)
+    judged = [judge(q, sources, r.text) for q, (_, sources), r in zip(questions, augmented, results)]
+    metrics.update(tally(judged))
+    rows, i = [], 0
+    for name, _, qs in files:
+        sl = slice(i, i + len(qs))
+        t = tally(judged[sl])
+        rows.append([name, len(qs), _pct(t["rag/hit_rate"]), _pct(t["rag/hit_at_1"]), _pct(t["rag/cited_right_rate"]),
+                     _pct(t["rag/cited_any_rate"])])
+        _write_jsonl(out / "predictions" / f"rag-{name}.jsonl",
+                     [{**q, "retrieved": [s["where"] for s in sources], **j, "answer": r.text,
+                       **({"answer_without_rag": w.text} if w is not None else {})}
+                      for q, (_, sources), j, r, w in zip(qs, augmented[sl], judged[sl], results[sl], without[sl])])
+        i += len(qs)
+    if len(files) > 1:
+        rows.append(["**overall**", len(questions), _pct(metrics["rag/hit_rate"]), _pct(metrics["rag/hit_at_1"]),
+                     _pct(metrics["rag/cited_right_rate"]), _pct(metrics["rag/cited_any_rate"])])
+    return [f"## Knowledge base ({cfg.rag.index_dir}, top {k.top_k} passages, {k.mode})", "",
+            "hit: the question's source file among the passages in the prompt; cited right: the answer cites it "
+            "([n] or its file name).", ""] + _table(
+        ["file", "questions", f"hit@{k.top_k}", "hit@1", "cited right", "cites any"], rows)
 
 
 def _winrate(answers_a, files, cfg: Config, out: Path, metrics: dict) -> list[str]:
@@ -355,7 +436,7 @@ def _winrate(answers_a, files, cfg: Config, out: Path, metrics: dict) -> list[st
     b_args = dataclasses.replace(cfg.model, name_or_path=e.compare_model, adapter=e.compare_adapter)
     engine_b = Engine.load(b_args, e.compare_template or cfg.template, only_cpu=cfg.only_cpu)
     prompts = [_with_system(r["prompt"], e.system) for _, _, recs in files for r in recs]
-    answers_b = [r.text for r in generate_answers(engine_b, prompts, cfg.gen, e.batch_size, progress="model B")[0]]
+    answers_b = [r.text for r in generate_answers(engine_b, prompts, cfg.gen, e.gen_batch_size, progress="model B")[0]]
     name_b = engine_b.name
     del engine_b
     _free()
@@ -401,8 +482,10 @@ def run(cfg: Config) -> dict:
     e = cfg.eval
     if not any(parts.values()) and not e.lm_eval_tasks:
         raise MedGPTError("nothing to evaluate. Give --eval.mcq_files, --eval.text_files, --eval.qa_files, "
-                          "--eval.safety true (or --eval.safety_files), --eval.prompt_files with "
+                          "--eval.safety true (or --eval.safety_files), --eval.rag_files with --rag.index_dir, "
+                          "--eval.prompt_files with "
                           "--eval.compare_model and --eval.reward_model, or --eval.lm_eval_tasks.")
+    index = _knowledge(cfg, parts["rag"])
     out = prepare_output_dir(cfg.output_dir, overwrite=cfg.overwrite, command="eval")
     claim(out, "config.yaml", "metrics.json", "report.md", "predictions")
     save_config(cfg, out / "config.yaml")
@@ -420,7 +503,7 @@ def run(cfg: Config) -> dict:
         _save(out, metrics, sections, title)
 
     answers_a = []
-    if any(parts[p] for p in ("mcq", "ppl", "qa", "safety", "winrate")):
+    if any(parts[p] for p in ("mcq", "ppl", "qa", "safety", "rag", "winrate")):
         engine = Engine.load(cfg.model, cfg.template, only_cpu=cfg.only_cpu)
         title += f" (template {engine.template.name}, on {engine.model.device})"
         if parts["mcq"]:
@@ -431,11 +514,13 @@ def run(cfg: Config) -> dict:
             timed("qa", _qa, engine, parts["qa"], cfg, out, metrics)
         if parts["safety"]:
             timed("safety", _safety, engine, parts["safety"], cfg, out, metrics)
+        if parts["rag"]:
+            timed("rag", _rag, engine, index, parts["rag"], cfg, out, metrics)
         if parts["winrate"]:
             from medgpt.eval.scoring import generate_answers
 
             prompts = [_with_system(r["prompt"], e.system) for _, _, recs in parts["winrate"] for r in recs]
-            answers_a = [r.text for r in generate_answers(engine, prompts, cfg.gen, e.batch_size,
+            answers_a = [r.text for r in generate_answers(engine, prompts, cfg.gen, e.gen_batch_size,
                                                           progress="model A")[0]]
         del engine
         _free()

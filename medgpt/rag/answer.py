@@ -9,12 +9,15 @@ cite them as [n] (in Chinese when the question is mostly Chinese), the numbered 
 (heading)` with their text, then the question. Earlier turns stay as they were. `sources` lists the same
 passages as dicts (n, source, line, heading, score, text, where) for printing or returning over an API.
 `fit_augment` drops the weakest passages until the prompt and the answer fit the model's context.
+`citations(answer)` reads the [n] markers an answer uses; `cited_files(answer, sources)` the files it cites.
 `KnowledgeArgs` is the `--rag.*` section of `medgpt serve` and `medgpt webui`; `load_knowledge` opens its index.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Literal, Optional
 
 from medgpt.config import arg
@@ -107,6 +110,31 @@ def format_sources(sources: list[dict], lang: str = "en") -> str:
     lines = [f"{LABELS[lang][2]}{colon}"]
     lines += [f"[{s['n']}] {s['where']}" + (f" ({s['heading']})" if s.get("heading") else "") for s in sources]
     return "\n".join(lines)
+
+
+# Markers as models write them: [2], [1, 3], [1][2], [1-3], full-width 【2】 and ［2］.
+_MARKER = re.compile(r"[\[【［]\s*(\d+(?:\s*(?:[,，、;；-]|–)\s*\d+)*)\s*[\]】］]")
+
+
+def citations(answer: str) -> list[int]:
+    """The passage numbers an answer cites by [n] markers, in order of first use, each once ([1-3] is 1, 2, 3)."""
+    found: list[int] = []
+    for m in _MARKER.finditer(answer):
+        for part in re.split(r"\s*[,，、;；]\s*", m.group(1)):
+            ends = [int(x) for x in re.split(r"\s*[-–]\s*", part)]
+            numbers = range(ends[0], ends[-1] + 1) if len(ends) == 2 and 0 < ends[1] - ends[0] < 20 else ends
+            found += [n for n in numbers if n not in found]
+    return found
+
+
+def cited_files(answer: str, sources: list[dict]) -> list[str]:
+    """The file names (no directory) an answer cites: those of the passages its [n] markers point to, and any
+    source file it names itself (`hypertension.md`, as in a copied `Sources:` list). Unknown numbers are ignored."""
+    by_n = {s["n"]: PurePath(s["source"]).name for s in sources}
+    files = [by_n[n] for n in citations(answer) if n in by_n]
+    low = answer.lower()
+    files += [name for name in by_n.values() if name.lower() in low]
+    return list(dict.fromkeys(files))
 
 
 # ------------------------------------------------------------------------------- serve / webui
