@@ -258,3 +258,13 @@ def test_as_kind_impossible_names_the_shape_needed():
         as_kind({"prompt": [u("q")]}, "chat")
     with pytest.raises(RecordError, match=r"text records \{text\} are needed"):
         as_kind({"messages": [u("q"), a("x")]}, "text")
+
+
+def test_a_bare_question_is_a_prompt_record():
+    """{question, source} (the knowledge-base questions of data/demo/heldout) used to be an unknown format, which
+    failed `medgpt data validate data/demo` and `data clean data/demo`."""
+    from medgpt.data.formats import detect_format, to_canonical
+
+    obj = {"question": "What is gout?", "source": "gout.md", "lang": "en"}
+    assert detect_format(obj) == "prompt"
+    assert to_canonical(obj, "prompt") == {"prompt": [{"role": "user", "content": "What is gout?"}]}

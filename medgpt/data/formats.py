@@ -8,7 +8,7 @@ Canonical kinds (DESIGN.md):
     preference  {"prompt": [messages ending with user], "chosen": [assistant msgs], "rejected": [...]}
                 (read from prompt/chosen/rejected, question/response_chosen/response_rejected, HH-RLHF
                 conversations, or MedicalGPT's {"conversations": [ShareGPT turns], "chosen": str, "rejected": str})
-    prompt      {"prompt": [messages ending with user], "answer"?: str}
+    prompt      {"prompt": [messages ending with user], "answer"?: str}   (a bare {"question": str} too)
     mcq         {"question": str, "options": {"A": str, ...}, "answer": "A", "subject"?: str}
 
 Every problem in a record raises `RecordError` with a one-line reason; validate.py adds `file:line:`.
@@ -98,7 +98,7 @@ def detect_format(obj: dict) -> str | None:
         return "alpaca"
     if any(_has(obj, q) and _has(obj, a) for q, a in QA_PAIRS):
         return "qa"
-    if _has(obj, "prompt"):
+    if _has(obj, "prompt") or _has(obj, "question"):  # a bare question (no answer, no options) is a prompt
         return "prompt"
     if isinstance(obj.get("text"), str) or (isinstance(obj.get("content"), str) and "role" not in obj):
         return "text"
@@ -316,7 +316,7 @@ def _preference(obj: dict) -> dict:
 
 
 def _prompt(obj: dict) -> dict:
-    prompt = _prompt_messages(obj, "prompt")
+    prompt = _prompt_messages(obj, "prompt" if "prompt" in obj else "question")
     check_messages(prompt, "prompt", ends_with="user")
     record = {"prompt": prompt}
     for key in ("answer", "solution"):
