@@ -12,7 +12,7 @@ DEMO_OUT ?= outputs/demo
 
 REAL_MODEL ?= .cache/real/smollm2-135m-instruct
 
-.PHONY: install browser real-model demo test test-fast lint clean
+.PHONY: install browser real-model demo demo-real test test-fast lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,12 @@ demo: $(VENV)/.installed-$(DEMO_EXTRAS) real-model
 	$(BIN)/medgpt data validate data/demo
 	$(BIN)/medgpt pipeline configs/quickstart.yaml --output_dir $(DEMO_OUT)
 	@echo "report: $(DEMO_OUT)/report.md"
+
+# The real pretrained model (the kit) through eval -> LoRA SFT -> rm -> DPO with safety pairs -> merge -> eval on
+# the held-out split -> answers -> GGUF (configs/demo.yaml; being sized to the CPU budget, not yet `make demo`).
+demo-real: $(VENV)/.installed-$(DEMO_EXTRAS) real-model
+	$(BIN)/medgpt pipeline configs/demo.yaml --output_dir outputs/demo-real
+	@echo "report: outputs/demo-real/report.md, summary: outputs/demo-real/summary.json"
 
 # The web UI tests drive Debian's chromium headless through playwright (never a downloaded browser). Installed
 # when missing: as root (CI), or with sudo; elsewhere (no apt-get, no sudo) those tests are skipped with a reason.

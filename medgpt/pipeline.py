@@ -394,7 +394,7 @@ def _execute(step: Step, reason: str, total: int, root: Path, isolate: bool, ste
         code = 1
     finally:
         _free_memory()
-    step.wall = time.perf_counter() - start
+    step.wall = round(time.perf_counter() - start, 2)  # as the step's marker keeps it (a rerun reads that)
     missing = missing_artifacts(step.command, step.out) if code == 0 else []
     if code != 0 or missing:
         step.status = "failed"
@@ -489,7 +489,8 @@ def summary_json(steps: list[Step]) -> dict:
                     and getattr(getattr(s.parsed, "model", None), "name_or_path", None)), None)
     out: dict[str, Any] = {"model": trained.parsed.model.name_or_path if trained else None,
                            "seconds": round(sum(s.wall or 0 for s in steps if s.status in ("ran", "skipped")), 1),
-                           "steps": {s.name: {"command": s.command, "status": s.status,
+                           "steps": {s.name: {"command": s.command,
+                                              "status": "complete" if s.status in ("ran", "skipped") else s.status,
                                               "seconds": round(s.wall, 1) if s.wall is not None else None}
                                      for s in steps}}
     evals = [metrics(s) for s in steps if s.command == "eval" and s.status in ("ran", "skipped")]

@@ -53,7 +53,7 @@ def pipeline(capsys, *argv) -> tuple[int, str]:
 
 def mtimes(out: Path) -> dict[str, int]:
     return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*")
-            if p.is_file() and p.name != "report.md"}
+            if p.is_file() and p.name not in ("report.md", "summary.json")}  # the run's own reports
 
 
 def test_run_skip_change_restart(tmp_path, tiny_llama, capsys):
@@ -183,6 +183,28 @@ def test_gpu_recipe_loads_without_network(tmp_path, capsys):
     assert code == 0, text
     assert text.count("would run") == 5 and f"--output_dir {tmp_path / 'o' / 'dpo'}" in text
     assert not (tmp_path / "o").exists()
+
+
+def test_demo_recipe_never_trains_on_what_it_evaluates(tmp_path, capsys):
+    """`make demo-real` (configs/demo.yaml): the real model, evaluated before and after with the same yardstick, and
+    no training step reads a held-out file, the safety probes or the MCQ items."""
+    path = ROOT / "configs" / "demo.yaml"
+    steps = load(parse_argv(Config, [str(path), "--output_dir", str(tmp_path / "demo")]))[1]
+    by_name = {s.name: s for s in steps}
+    assert [s.command for s in steps][:6] == ["rag index", "eval", "sft", "rm", "dpo", "merge"]
+    assert by_name["sft"].parsed.model.name_or_path.endswith("smollm2-135m-instruct")
+    assert by_name["dpo"].parsed.model.adapter == str(by_name["sft"].out)
+    before, after = by_name["eval_before"].parsed.eval, by_name["eval_after"].parsed.eval
+    assert before.qa_files == after.qa_files and before.safety == after.safety and before.mcq_files == after.mcq_files
+    held = {str((ROOT / f).resolve()) for f in ["data/demo/safety.jsonl", "data/demo/mcq.jsonl",
+                                                *before.qa_files, *before.rag_files]}
+    held |= {str(p.resolve()) for p in (ROOT / "data/demo/heldout").glob("*")}
+    for s in steps:
+        data = getattr(s.parsed, "data", None)
+        for f in (data.train_files + data.eval_files) if data is not None else []:
+            assert str((ROOT / f).resolve()) not in held and "heldout" not in f, (s.name, f)
+    code, text = pipeline(capsys, str(path), "--dry_run", "--output_dir", tmp_path / "demo")
+    assert code == 0, text
 
 
 def test_quickstart_recipe_is_the_whole_pipeline(tmp_path, capsys):
