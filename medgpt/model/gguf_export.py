@@ -33,6 +33,7 @@ from typing import Literal
 
 from medgpt.args import ModelArgs
 from medgpt.config import arg, save_config, section
+from medgpt.model.load import read_json
 from medgpt.outdir import check_complete, check_output_dir, final_save, owns, prepare_output_dir
 from medgpt.utils import MedGPTError, log
 
@@ -107,14 +108,6 @@ def run(cfg: Config) -> int:
 
 # ----------------------------------------------------------------------------- checks (before anything is written)
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def check_source(model: ModelArgs) -> tuple[Path, dict]:
     """The model dir and its config.json; refuses a missing dir, a hub id, an adapter, --model.adapter."""
     merge_hint = ("Merge it into its base first (medgpt merge --model.name_or_path BASE --model.adapter ADAPTER "
@@ -131,7 +124,7 @@ def check_source(model: ModelArgs) -> tuple[Path, dict]:
                           f"(config.json, *.safetensors, tokenizer.json); for a hub model, download it first "
                           f"(huggingface-cli download ID --local-dir DIR) and pass DIR.")
     check_complete(src)
-    conf = _read_json(src / "config.json")
+    conf = read_json(src / "config.json")
     if not conf and (src / "adapter_config.json").is_file():
         raise MedGPTError(f"--model.name_or_path {src} is a LoRA adapter, not a model. {merge_hint}")
     if not conf:
@@ -164,7 +157,7 @@ def architecture(conf: dict, src: Path) -> str:
 
 def read_tokenizer_json(src: Path) -> dict:
     """tokenizer.json of a byte-level BPE tokenizer (the GGUF `gpt2` model), or a clear refusal."""
-    tj = _read_json(src / "tokenizer.json")
+    tj = read_json(src / "tokenizer.json")
     model = tj.get("model") or {}
     if model.get("type") == "BPE" and not model.get("byte_fallback") and (tj.get("decoder") or {}).get(
             "type") == "ByteLevel":

@@ -37,7 +37,8 @@ def _hub_error(name_or_path: str, e: Exception) -> MedGPTError:
                        f"Pass a local directory, or go online once so the hub files are cached.")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object file as a dict; {} when it is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -57,7 +58,7 @@ def check_adapter(path: str | None) -> tuple[Path, dict]:
     check_complete(p, "--model.adapter")  # killed during its final save: maybe an adapter beside a 0-byte file
     conf = p / ADAPTER_CONFIG
     if not conf.is_file():
-        if MERGED_MARKER in _read_json(p / "config.json"):
+        if MERGED_MARKER in read_json(p / "config.json"):
             raise MedGPTError(f"{path} is an already merged model, not an adapter: it has no {ADAPTER_CONFIG} and "
                               f"nothing left to merge. Use it directly (medgpt chat --model.name_or_path {path}).")
         if (p / "config.json").is_file():
@@ -68,7 +69,7 @@ def check_adapter(path: str | None) -> tuple[Path, dict]:
     if not any((p / w).is_file() for w in ADAPTER_WEIGHTS):
         raise MedGPTError(f"{path} has {ADAPTER_CONFIG} but no adapter weights ({ADAPTER_WEIGHTS[0]}); the run "
                           f"that wrote it may not have finished. Point --model.adapter at a complete adapter.")
-    return p.resolve(), _read_json(conf)
+    return p.resolve(), read_json(conf)
 
 
 def load_tokenizer(model: ModelArgs):
@@ -188,7 +189,7 @@ def _load_adapter(net, model: ModelArgs, finetune):
     except (RuntimeError, ValueError) as e:  # peft: size mismatch (or missing modules) on another base model
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         detail = next((line for line in lines if "size mismatch" in line), lines[0])[:300]
-        trained_on = _read_json(Path(model.adapter) / ADAPTER_CONFIG).get("base_model_name_or_path")
+        trained_on = read_json(Path(model.adapter) / ADAPTER_CONFIG).get("base_model_name_or_path")
         raise MedGPTError(f"the adapter {model.adapter} does not fit the base {model.name_or_path} ({detail}). Pass "
                           f"the base the adapter was trained on (its {ADAPTER_CONFIG} says {trained_on!r}).") from None
     if ft_type == "full":

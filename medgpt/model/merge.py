@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from medgpt.args import ModelArgs
 from medgpt.config import arg, save_config, section
-from medgpt.model.load import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter
+from medgpt.model.load import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter, read_json
 from medgpt.model.load import MERGED_MARKER as MARKER  # key in the merged config.json: which adapters went in
 from medgpt.outdir import check_output_dir as check_output_dir_
 from medgpt.outdir import final_save, prepare_output_dir
@@ -110,7 +109,7 @@ def check_base(base: str, adapter_cfg: dict, fingerprint: str) -> dict:
     p = Path(base).expanduser()
     if not p.is_dir():
         return {}  # a hub id: load_model checks it; quantization is checked again after loading
-    conf = _read_json(p / "config.json")
+    conf = read_json(p / "config.json")
     if not conf and (p / ADAPTER_CONFIG).is_file():
         raise MedGPTError(f"--model.name_or_path {base} is a LoRA adapter, not a base model. Pass the base model "
                           f"as --model.name_or_path and the adapter as --model.adapter.")
@@ -168,14 +167,6 @@ def adapter_shapes(adapter_dir: Path) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
 
 def _quantization(conf) -> dict | None:
     q = conf.get("quantization_config") if isinstance(conf, dict) else getattr(conf, "quantization_config", None)
