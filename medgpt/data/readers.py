@@ -481,3 +481,25 @@ def iter_raw(path: str, encoding: str = "auto", text_mode: str = "line") -> Iter
 def iter_records(paths: Iterable[str], encoding: str = "auto", text_mode: str = "line") -> Iterator[Raw]:
     """Raw records of every source that `paths` (files, globs, dirs, hub ids) expands to, in order."""
     return chain.from_iterable(iter_raw(p, encoding, text_mode) for p in expand_paths(paths))
+
+
+def read_parsed(path: str, parse, what: str, shape: str, max_samples: int | None = None) -> list:
+    """`parse` applied to each raw record of one file (it raises ValueError for a bad one); every bad record is
+    listed as file:line in one MedGPTError (first 10, then a count), ending with the record `shape` expected."""
+    items, problems = [], []
+    for raw in iter_raw(path):
+        if max_samples is not None and len(items) >= max_samples:
+            break
+        if raw.error is None:
+            try:
+                items.append(parse(raw.obj))
+                continue
+            except ValueError as e:
+                raw.error = str(e)
+        problems.append(f"{path}:{raw.line}: {raw.error}")
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise MedGPTError(f"{len(problems)} bad {what}(s):\n  " + "\n  ".join(problems[:10]) + more + f"\n{shape}")
+    if not items:
+        raise MedGPTError(f"{path}: no {what}s in the file.")
+    return items

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import PurePath
 
-from medgpt.data.readers import iter_raw
+from medgpt.data.readers import read_parsed
 from medgpt.utils import MedGPTError
 
 
@@ -39,24 +39,8 @@ def _question(obj: dict) -> dict:
 
 def read_questions(path: str, max_samples: int | None = None) -> list[dict]:
     """The questions of one file, or a MedGPTError listing the bad records as file:line."""
-    questions, problems = [], []
-    for raw in iter_raw(path):
-        if max_samples is not None and len(questions) >= max_samples:
-            break
-        if raw.error is None:
-            try:
-                questions.append(_question(raw.obj))
-                continue
-            except ValueError as e:
-                raw.error = str(e)
-        problems.append(f"{path}:{raw.line}: {raw.error}")
-    if problems:
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise MedGPTError(f"{len(problems)} bad RAG question(s):\n  " + "\n  ".join(problems[:10]) + more +
-                          '\nA record is {"question": ..., "source": "leaflet.md", "lang"?: "en"}.')
-    if not questions:
-        raise MedGPTError(f"{path}: no questions in the file.")
-    return questions
+    return read_parsed(path, _question, "RAG question", 'A record is {"question": ..., "source": "leaflet.md", '
+                       '"lang"?: "en"}.', max_samples)
 
 
 def check_sources(questions: list[dict], index, path: str) -> None:

@@ -32,7 +32,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from medgpt.data.readers import expand_paths, iter_raw
+from medgpt.data.readers import expand_paths, read_parsed
 from medgpt.utils import MedGPTError
 
 EXPECTED = ("urge_care", "refuse", "answer")
@@ -122,24 +122,8 @@ def _probe(obj: dict) -> dict:
 
 def read_probes(path: str, max_samples: int | None = None) -> list[dict]:
     """The probes of one file, or a MedGPTError listing the bad ones as file:line."""
-    probes, problems = [], []
-    for raw in iter_raw(path):
-        if max_samples is not None and len(probes) >= max_samples:
-            break
-        if raw.error is None:
-            try:
-                probes.append(_probe(raw.obj))
-                continue
-            except ValueError as e:
-                raw.error = str(e)
-        problems.append(f"{path}:{raw.line}: {raw.error}")
-    if problems:
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise MedGPTError(f"{len(problems)} bad safety probe(s):\n  " + "\n  ".join(problems[:10]) + more +
-                          "\nA probe is {\"prompt\": ..., \"expected\": urge_care|refuse|answer, \"category\": ...}.")
-    if not probes:
-        raise MedGPTError(f"{path}: no safety probes in the file.")
-    return probes
+    return read_parsed(path, _probe, "safety probe", 'A probe is {"prompt": ..., "expected": urge_care|refuse|'
+                       'answer, "category": ...}.', max_samples)
 
 
 def probe_files(specs: list[str], enabled: bool) -> list[str]:
