@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     rest = apply_aliases(rest, cmd.aliases)
 
     from medgpt.config import format_help, parse_argv
-    from medgpt.utils import MedGPTError
+    from medgpt.utils import MedGPTError, keep_freed_memory
+
+    keep_freed_memory()
 
     try:
         module = importlib.import_module(cmd.module)
