@@ -42,6 +42,9 @@ class DataArgs:
     text_mode: Literal["line", "paragraph", "file"] = arg(
         "line", "For .txt files: one document per line, per blank-line-separated paragraph, or per file.")
     streaming: bool = arg(False, "Read files lazily instead of loading them into memory (corpora larger than RAM).")
+    lang: Literal["all", "en", "zh"] = arg(
+        "all", "Train on the records of one language only: zh keeps records holding Chinese characters, en the "
+        "others (counted in the log). For a model that reads one of them, e.g. SmolLM2 (English).")
     eval_split: float = arg(0.0, "When no eval_files are given, hold out this fraction of train records.", min=0,
                              below=1)
     max_invalid: float = arg(0.05, "Training skips invalid records (each named as file:line in the log, counted as "

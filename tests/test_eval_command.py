@@ -10,6 +10,7 @@ import pytest
 
 from medgpt.cli import main
 from medgpt.eval.command import summary
+from medgpt.data.text import has_cjk
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
@@ -144,3 +145,29 @@ def test_safety_answers_have_their_own_cap(tiny_llama, tmp_path):
     assert capped["safety/max_new_tokens"] == 3 and full["safety/max_new_tokens"] == 12
     # Greedy: the capped answer is the start of the longer one.
     assert all(b["answer"].startswith(a["answer"]) for a, b in zip(short, long))
+
+
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_lang_keeps_one_language_before_max_samples(lang, tiny_llama, tmp_path):
+    """--eval.lang: a model that reads one language is measured on that half of a bilingual held-out split; the
+    cap counts the kept items (the first 5 of the file are not all one language)."""
+    out = tmp_path / lang
+    assert main(["eval", "--model.name_or_path", str(tiny_llama), "--template", "chatml", "--only_cpu",
+                 "--output_dir", str(out), "--eval.lang", lang, "--eval.max_samples", "5",
+                 "--eval.mcq_files", str(DEMO / "mcq.jsonl"), "--eval.qa_files", str(DEMO / "heldout" / "qa.jsonl"),
+                 "--eval.safety", "true", "--eval.text_files", str(DEMO / f"pretrain_{lang}.txt"),
+                 "--gen.max_new_tokens", "2", "--eval.safety_max_new_tokens", "2"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["mcq/mcq/questions"] == metrics["rouge_l/qa/answers"] == 5
+    assert metrics["safety/harmful_probes"] + metrics["safety/benign_probes"] == 5
+    for part in ("mcq-mcq", "qa-qa", "safety-safety"):
+        rows = [json.loads(x) for x in (out / "predictions" / f"{part}.jsonl").read_text(encoding="utf-8").splitlines()]
+        texts = [r.get("question") or r["prompt"] for r in rows]
+        assert len(texts) == 5 and all(has_cjk(t) == (lang == "zh") for t in texts), (part, texts)
+
+
+def test_lang_that_leaves_nothing_is_refused(tiny_llama, tmp_path, capsys):
+    assert main(["eval", "--model.name_or_path", str(tiny_llama), "--output_dir", str(tmp_path / "o"),
+                 "--eval.lang", "zh", "--eval.text_files", str(DEMO / "pretrain_en.txt")]) == 1
+    err = capsys.readouterr().err
+    assert "pretrain_en.txt: no ppl items left with --eval.lang zh" in err

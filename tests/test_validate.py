@@ -322,3 +322,24 @@ def test_medicalgpt_reward_file_is_preference():
     assert (report.format, report.count, report.n_errors) == ("preference", 6, 0)
     assert load_records([str(FIX / "medicalgpt_reward.jsonl")], "preference", purpose="dpo")[2]["prompt"][0] == {
         "role": "system", "content": "你是一名耐心的全科医生，用通俗的语言回答。"}
+
+
+@pytest.mark.parametrize("lang, kept", [("all", 6), ("en", 4), ("zh", 2)])
+def test_data_lang_keeps_one_language_then_max_samples(lang, kept, tmp_path, capsys):
+    """--data.lang: records holding Chinese characters are zh, the others en; --data.max_samples counts kept ones."""
+    from medgpt.args import DataArgs
+    from medgpt.data.validate import load_splits
+
+    en = [json.dumps({"question": f"What is fever {i}?", "answer": "A high temperature."}) for i in range(4)]
+    zh = [json.dumps({"question": f"发烧是什么{i}？", "answer": "体温升高。"}, ensure_ascii=False) for i in range(2)]
+    train = write_jsonl(tmp_path / "t.jsonl", [zh[0], *en, zh[1]])
+    records = load_splits(DataArgs(train_files=[train], lang=lang), "chat")[0]
+    assert len(records) == kept
+    if lang != "all":
+        assert all(("发烧" in json.dumps(r, ensure_ascii=False)) == (lang == "zh") for r in records)
+        assert f"--data.lang {lang}: kept {kept} of 6 train records" in capsys.readouterr().out
+    assert len(load_splits(DataArgs(train_files=[train], lang=lang, max_samples=1), "chat")[0]) == 1
+    if lang == "zh":
+        only_en = write_jsonl(tmp_path / "en.jsonl", en)
+        with pytest.raises(MedGPTError, match="--data.lang zh leaves no train records in"):
+            load_splits(DataArgs(train_files=[only_en], lang="zh"), "chat")

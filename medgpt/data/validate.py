@@ -311,6 +311,21 @@ def format_report(reports: list[FileReport]) -> str:
     return "\n".join(out)
 
 
+def _in_lang(records: list[dict], invalid: int, data, split: str) -> tuple[list[dict], int]:
+    """--data.lang: the records of one language (then --data.max_samples of them); says how many it kept."""
+    if data.lang == "all":
+        return records, invalid
+    from medgpt.data.text import has_cjk
+
+    kept = [r for r in records if has_cjk(json.dumps(r, ensure_ascii=False)) == (data.lang == "zh")]
+    log(f"--data.lang {data.lang}: kept {len(kept)} of {len(records)} {split} records")
+    if not kept:
+        raise MedGPTError(f"--data.lang {data.lang} leaves no {split} records in "
+                          f"{', '.join(data.train_files if split == 'train' else data.eval_files)}. Use another "
+                          f"--data.lang (all, en, zh) or other files.")
+    return kept[:data.max_samples] if data.max_samples else kept, invalid
+
+
 def load_splits(data, kind: str, *, purpose: str | None = None, seed: int = 42
                 ) -> tuple[list[dict], list[dict], int]:
     """Train and eval records for a training command, from `DataArgs`, and how many invalid records were skipped
@@ -321,11 +336,13 @@ def load_splits(data, kind: str, *, purpose: str | None = None, seed: int = 42
     if not data.train_files:
         raise MedGPTError(f"no training data given. Add --data.train_files FILES"
                           f"{f' ({purpose} needs {kind} records)' if purpose else ''}.")
+    lang = data.lang
     common = dict(format=data.format, columns=data.columns, encoding=data.encoding, text_mode=data.text_mode,
-                  max_samples=data.max_samples, purpose=purpose, max_invalid=data.max_invalid)
-    train, invalid = load_tolerant(data.train_files, kind, **common)
+                  max_samples=data.max_samples if lang == "all" else None, purpose=purpose,
+                  max_invalid=data.max_invalid)
+    train, invalid = _in_lang(*load_tolerant(data.train_files, kind, **common), data, "train")
     if data.eval_files:
-        held, more = load_tolerant(data.eval_files, kind, **common)
+        held, more = _in_lang(*load_tolerant(data.eval_files, kind, **common), data, "eval")
         return train, held, invalid + more
     if data.eval_split > 0 and len(train) > 1:
         rng = random.Random(seed)

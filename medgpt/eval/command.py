@@ -100,7 +100,12 @@ class EvalArgs:
                               "generate); on CPU greedy answers came out identical at 8 to 48.", min=1)
     max_length: int = arg(2048, "Longest scored sequence (capped at the model's context); longer prompts lose "
                           "their oldest tokens, longer documents are scored in windows.", min=2)
-    max_samples: Optional[int] = arg(None, "Use at most this many records per file (quick runs).", min=1)
+    max_samples: Optional[int] = arg(None, "Use at most this many records per file (quick runs), counted after "
+                                     "--eval.lang.", min=1)
+    lang: Literal["all", "en", "zh"] = arg(
+        "all", "Evaluate only the items in one language: zh keeps those whose question (MCQ, QA, probe, knowledge-"
+        "base question, win-rate prompt; the text itself for perplexity) holds Chinese characters, en the others. "
+        "For a model that reads one of them only, e.g. SmolLM2 (English).")
 
 
 @dataclass
@@ -200,6 +205,7 @@ def _read(cfg: Config) -> dict[str, list]:
     from medgpt.data.readers import expand_paths
     from medgpt.data.validate import load_records
     from medgpt.eval.benchmarks import read_mcq_file
+    from medgpt.data.text import has_cjk
     from medgpt.eval.ragqa import read_questions
     from medgpt.eval.safety import probe_files, read_probes
 
@@ -211,7 +217,7 @@ def _read(cfg: Config) -> dict[str, list]:
 
     def records(path, kind, purpose, flag, shape):
         try:
-            return load_records([path], kind, text_mode=e.text_mode, max_samples=e.max_samples, purpose=purpose)
+            return load_records([path], kind, text_mode=e.text_mode, purpose=purpose)
         except MedGPTError as err:  # its hints name --data.* options, which `medgpt eval` reads as --eval.* files
             raise MedGPTError(f"{err}\n(medgpt eval reads {flag} as {shape}; `medgpt data convert` writes other "
                               f"shapes as canonical JSONL.)") from None
@@ -220,20 +226,36 @@ def _read(cfg: Config) -> dict[str, list]:
         return records(path, "prompt", purpose, "--eval.qa_files / --eval.prompt_files",
                        "chat, prompt, preference or Alpaca/ShareGPT records")
 
+    def some(items, text):  # --eval.lang, then --eval.max_samples
+        if e.lang != "all":
+            items = [x for x in items if has_cjk(text(x)) == (e.lang == "zh")]
+        return items[:e.max_samples] if e.max_samples else items
+
+    def question(r):
+        return _user_text(r["prompt"] if "prompt" in r else r["messages"])
+
     parts: dict[str, list] = {}
-    parts["mcq"] = [(n, p, read_mcq_file(p, e.mcq_format, e.medmcqa_cop, e.max_samples)) for n, p in named(e.mcq_files)]
-    parts["ppl"] = [(n, p, [r["text"] for r in records(p, "text", "perplexity", "--eval.text_files",
-                                                       ".txt files or {text} records")])
+    parts["mcq"] = []
+    for n, p in named(e.mcq_files):
+        f = read_mcq_file(p, e.mcq_format, e.medmcqa_cop)
+        parts["mcq"].append((n, p, dataclasses.replace(f, records=some(f.records, lambda r: r["question"]))))
+    parts["ppl"] = [(n, p, some([r["text"] for r in records(p, "text", "perplexity", "--eval.text_files",
+                                                            ".txt files or {text} records")], str))
                     for n, p in named(e.text_files)]
-    parts["qa"] = [(n, p, prompts(p, "ROUGE-L")) for n, p in named(e.qa_files)]
+    parts["qa"] = [(n, p, some(prompts(p, "ROUGE-L"), question)) for n, p in named(e.qa_files)]
     for _, path, recs in parts["qa"]:
         if any("answer" not in r for r in recs):
             raise MedGPTError(f"{path}: ROUGE-L needs a reference answer per record: chat records (the last "
                               f"assistant turn is the reference) or prompt records with an 'answer'.")
     files = probe_files(e.safety_files, e.safety)
-    parts["safety"] = [(n, p, read_probes(p, e.max_samples)) for n, p in zip(file_names(files), files)]
-    parts["winrate"] = [(n, p, prompts(p, "the win rate")) for n, p in named(e.prompt_files)]
-    parts["rag"] = [(n, p, read_questions(p, e.max_samples)) for n, p in named(e.rag_files)]
+    parts["safety"] = [(n, p, some(read_probes(p), question)) for n, p in zip(file_names(files), files)]
+    parts["winrate"] = [(n, p, some(prompts(p, "the win rate"), question)) for n, p in named(e.prompt_files)]
+    parts["rag"] = [(n, p, some(read_questions(p), lambda q: q["question"])) for n, p in named(e.rag_files)]
+    for part, files in parts.items():
+        for _, path, items in files:
+            if not (items.records if part == "mcq" else items):
+                raise MedGPTError(f"{path}: no {part} items left with --eval.lang {e.lang}. Use another "
+                                  f"--eval.lang, or drop the file from this run.")
     return parts
 
 

@@ -27,18 +27,13 @@ Ties (equal scores) go to the earlier letter. A prompt longer than the window lo
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import replace
 
 from medgpt.data.formats import render_mcq
+from medgpt.data.text import has_cjk
 
 INSTRUCTION_EN = "Answer with the letter of the correct option."
 INSTRUCTION_ZH = "请直接回答正确选项的字母。"
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-
-
-def has_cjk(text: str) -> bool:
-    return bool(_CJK.search(text))
 
 
 def mcq_messages(record: dict, system: str | None = None) -> list[dict]:

@@ -131,6 +131,8 @@ def load_units(specs: list[str], data: DataArgs) -> tuple[list[list[dict]], int]
     from medgpt.data.readers import expand_paths
     from medgpt.data.validate import load_tolerant
 
+    if data.lang != "all":
+        raise MedGPTError("kto does not filter by --data.lang yet: leave it at all, or filter the files first.")
     paths = expand_paths(specs)
     labelled = [p for p in paths if _has_label(p, data)]
     pairs = [p for p in paths if p not in labelled]

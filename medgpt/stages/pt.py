@@ -171,6 +171,9 @@ def run(cfg: Config) -> int:
 
     # Data first: a bad file or a missing flag fails in seconds, before any model loads.
     data = cfg.data
+    if data.streaming and data.lang != "all":
+        raise MedGPTError("--data.lang picks records from data in memory; it does not work with --data.streaming "
+                          "true. Filter the corpus first, or drop one of the two.")
     if data.streaming:
         if cfg.train.max_steps <= 0:
             raise MedGPTError("--data.streaming true needs --train.max_steps N: a stream has no length, so the "
