@@ -311,3 +311,22 @@ def test_demo_data_survives(tmp_path, capsys):
     assert total["records_in"] == total["records_out"] > 1500 and total["pii"] == {}
     assert json.loads((tmp_path / "sft_alpaca.json").read_text(encoding="utf-8")) == json.loads(
         (ROOT / "data" / "demo" / "sft_alpaca.json").read_text(encoding="utf-8"))
+
+
+def test_demo_training_data_is_disjoint_from_every_heldout_file(tmp_path, capsys):
+    """The demo's held-out split (QA references, knowledge-base questions), the safety probes and the English MCQ
+    items share no 13-unit n-gram with any file a demo step trains on (data/demo/heldout/README.md). Seven Chinese
+    MCQ items do (their facts are taught in Chinese SFT/preference answers): the demo evaluates English only, and
+    the list is pinned so that a new overlap fails here."""
+    from medgpt.data.text import has_cjk
+
+    demo = ROOT / "data" / "demo"
+    train = ["sft_alpaca.json", "sft_sharegpt.jsonl", "preference.jsonl", "safety_pairs.jsonl"]
+    held = ["heldout/qa.jsonl", "heldout/rag_questions.jsonl", "safety.jsonl", "mcq.jsonl"]
+    assert clean(*(str(demo / f) for f in train), "--output_dir", tmp_path / "o",
+                 "--clean.eval_files", ",".join(str(demo / f) for f in held)) == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text(encoding="utf-8"))
+    assert report["contamination"]["eval_items"] == 48 + 24 + 82 + 248
+    hits = report["contamination"]["hits"]
+    assert {Path(h["eval_file"]).name for h in hits} == {"mcq.jsonl"} and all(has_cjk(h["eval_text"]) for h in hits)
+    assert sorted({h["eval_line"] for h in hits}) == [8, 59, 97, 134, 167, 170, 237]

@@ -374,7 +374,8 @@ def _report(sources, dests, recs, hits, eval_items, c: CleanArgs, seconds: dict)
     return {
         "files": files, "total": {**_stats(recs), "contamination_hits": len(hits)}, "removed_records": removed,
         "contamination": {
-            "eval_files": list(c.eval_files), "ngram": c.contamination_ngram, "records_hit": len(hits),
+            "eval_files": list(c.eval_files), "eval_items": len(eval_items), "ngram": c.contamination_ngram,
+            "records_hit": len(hits),
             "eval_items_hit": len({e for _, e, _ in hits}), "dropped": c.drop_contaminated,
             "hits": [{"file": r.path, "line": r.line, "eval_file": eval_items[e][0], "eval_line": eval_items[e][1],
                       "overlap": gram, "eval_text": eval_items[e][2][:300]} for r, e, gram in hits[:MAX_LISTED]]},
