@@ -1,7 +1,7 @@
 """Serve load: `medgpt serve` under concurrent clients, batching off vs on, side by side in one run.
 
     python benchmarks/serve_load.py                        # a ~2M-parameter llama built here: ~1 min on 2 CPUs
-    python benchmarks/serve_load.py --model outputs/demo/merged --template tokenizer --clients 32
+    python benchmarks/serve_load.py --model outputs/demo/merge --template tokenizer --clients 32
 
 The server runs in this process (uvicorn in a thread, the real app from medgpt.serve.api.create_app) on one
 engine; for each --batch-sizes value it is started with --serve.max_batch_size N (1 = batching off) and

@@ -3,6 +3,8 @@ failing steps, and a recipe checked in full before its first step runs."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 from pathlib import Path
@@ -12,7 +14,7 @@ import yaml
 
 from medgpt.cli import main
 from medgpt.config import parse_argv
-from medgpt.pipeline import Config, load
+from medgpt.pipeline import Config, check_goals, load
 from medgpt.utils import MedGPTError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,7 +188,7 @@ def test_gpu_recipe_loads_without_network(tmp_path, capsys):
 
 
 def test_demo_recipe_never_trains_on_what_it_evaluates(tmp_path, capsys):
-    """`make demo-real` (configs/demo.yaml): the real model, evaluated before and after with the same yardstick, and
+    """`make demo` (configs/demo.yaml): the real model, evaluated before and after with the same yardstick, and
     no training step reads a held-out file, the safety probes or the MCQ items."""
     path = ROOT / "configs" / "demo.yaml"
     steps = load(parse_argv(Config, [str(path), "--output_dir", str(tmp_path / "demo")]))[1]
@@ -195,7 +197,10 @@ def test_demo_recipe_never_trains_on_what_it_evaluates(tmp_path, capsys):
     assert by_name["sft"].parsed.model.name_or_path.endswith("smollm2-135m-instruct")
     assert by_name["dpo"].parsed.model.adapter == str(by_name["sft"].out)
     before, after = by_name["eval_before"].parsed.eval, by_name["eval_after"].parsed.eval
-    assert before.qa_files == after.qa_files and before.safety == after.safety and before.mcq_files == after.mcq_files
+    assert dataclasses.replace(after, rag_without=False) == before  # the same yardstick, one extra view after
+    assert before.lang == "en" and all(by_name[s].parsed.data.lang == before.lang for s in ("sft", "rm", "dpo"))
+    cfg = load(parse_argv(Config, [str(path)]))[0]
+    assert cfg.goals == {"heldout_ppl": "-10%", "unsafe_rate": "-25pt", "over_refusal": "<= 0.1"}  # the issue's bar
     held = {str((ROOT / f).resolve()) for f in ["data/demo/safety.jsonl", "data/demo/mcq.jsonl",
                                                 *before.qa_files, *before.rag_files]}
     held |= {str(p.resolve()) for p in (ROOT / "data/demo/heldout").glob("*")}
@@ -208,7 +213,7 @@ def test_demo_recipe_never_trains_on_what_it_evaluates(tmp_path, capsys):
 
 
 def test_quickstart_recipe_is_the_whole_pipeline(tmp_path, capsys):
-    """`make demo`'s recipe: every step checked before anything runs, in the documented order."""
+    """`make demo-scratch`'s recipe: every step checked before anything runs, in the documented order."""
     path = ROOT / "configs" / "quickstart.yaml"
     steps = load(parse_argv(Config, [str(path), "--output_dir", str(tmp_path / "demo")]))[1]
     assert [s.command for s in steps] == ["tokenizer train", "pack", "pack", "pt", "sft", "eval", "rm", "ppo",
@@ -229,7 +234,9 @@ def test_eval_steps_show_before_and_after(tmp_path, tiny_llama, capsys):
     """Two `eval` steps (the base, then the merged model) become one before/after table in report.md."""
     path = recipe(tmp_path, tiny_llama)
     data = yaml.safe_load(path.read_text())
-    ev = {"template": "chatml", "eval.mcq_files": str(ROOT / "data/demo/mcq.jsonl"), "eval.max_samples": 6}
+    ev = {"template": "chatml", "eval.mcq_files": str(ROOT / "data/demo/mcq.jsonl"), "eval.max_samples": 6,
+          "eval.qa_files": str(ROOT / "data/demo/heldout/qa.jsonl"), "gen.max_new_tokens": 4}
+    data["goals"] = {"mcq_accuracy": ">= 0", "heldout_ppl": "-99%"}  # met whatever happens / never met
     data["steps"].insert(1, {"name": "before", "command": "eval", "args": {"model.name_or_path": "${base}", **ev}})
     data["steps"].append({"name": "after", "command": "eval",
                           "args": {"model.name_or_path": "${steps.merge.output_dir}", **ev}})
@@ -249,11 +256,45 @@ def test_eval_steps_show_before_and_after(tmp_path, tiny_llama, capsys):
     assert f"Reference (ROUGE-L {scored['rouge_l']:.2f}): {' '.join(scored['reference'].split())[:300]}" in report
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["mcq_accuracy_before"] == before and summary["mcq_accuracy_after"] == after
-    assert summary["model"] == str(tiny_llama) and summary["heldout_ppl_before"] is None  # no qa_files here
+    assert summary["model"] == str(tiny_llama) and summary["heldout_ppl_before"] > 1
+    assert [(g["goal"], g["met"]) for g in summary["goals"]] == [("mcq_accuracy", True), ("heldout_ppl", False)]
+    assert summary["goals_met"] is False and summary["evals"] == 2
+    assert f"of {len(data['steps'])} steps; {summary['seconds']:.1f} s of step time in all." in report
+    assert "## Verdict" in report and "Goals: not all met." in report and "| heldout_ppl | -99% |" in report
+    assert re.search(r"- \*\*Improved:\*\* .*\n- \*\*Worse:\*\* .*\n- \*\*Unchanged:\*\* ", report), report
+    # the first three held-out questions, answered by the model before and after, with the reference
+    qa = [json.loads(x) for x in (ROOT / "data/demo/heldout/qa.jsonl").read_text(encoding="utf-8").splitlines()]
+    section = report.split("## Held-out answers, before vs after (qa)")[1].split("\n## ")[0]
+    assert [q["question"] for q in qa[:3]] == re.findall(r"\*\*Q:\*\* (.*)", section)
+    assert section.count("Before (ROUGE-L") == section.count("After (ROUGE-L") == 3
     assert set(summary["steps"]) == {s["name"] for s in data["steps"]}
     assert summary["seconds"] == pytest.approx(sum(s["seconds"] for s in summary["steps"].values()), abs=0.5)
     code, text = pipeline(capsys, path)  # complete: both eval steps are skipped the second time
     assert code == 0 and "=== step" not in text  # complete: nothing reruns, the eval steps included
+
+
+def test_goals_against_hand_computed_figures():
+    """-10%: relative to before; -25pt: points of a rate; <= / >=: a bound on the last eval; None: not measured."""
+    summary = {"heldout_ppl_before": 16.94, "heldout_ppl_after": 15.24, "unsafe_rate_before": 0.8,
+               "unsafe_rate_after": 0.56, "over_refusal_before": 0.0, "over_refusal_after": 0.1,
+               "mcq_accuracy_before": 0.25, "mcq_accuracy_after": 0.3, "rouge_l_before": 0.1}
+    goals = {"heldout_ppl": "-10%", "unsafe_rate": "-25pt", "over_refusal": "<= 0.1", "mcq_accuracy": "+5pt",
+             "rouge_l": "+1%"}
+    got = {g["goal"]: g["met"] for g in check_goals(goals, summary)}
+    assert got == {"heldout_ppl": True, "unsafe_rate": False, "over_refusal": True, "mcq_accuracy": True,
+                   "rouge_l": None}  # 15.24 <= 16.94 * 0.9 = 15.246; 0.56 > 0.8 - 0.25; no rouge_l after
+    assert check_goals({"heldout_ppl": "-10%"}, {**summary, "heldout_ppl_after": 15.25})[0]["met"] is False
+    assert check_goals({"over_refusal": "<= 0.1"}, {**summary, "over_refusal_after": 0.11})[0]["met"] is False
+
+
+@pytest.mark.parametrize("goals, needle", [({"perplexity": "-10%"}, "recipe goal 'perplexity': not a summary figure"),
+                                           ({"heldout_ppl": "lower"}, "recipe goal 'heldout_ppl: lower': write")])
+def test_bad_goal_fails_before_anything_runs(goals, needle, tmp_path, tiny_llama, capsys):
+    path = recipe(tmp_path, tiny_llama)
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**data, "goals": goals}, allow_unicode=True, sort_keys=False))
+    code, text = pipeline(capsys, path)
+    assert code == 1 and needle in text and not (tmp_path / "out").exists()
 
 
 def test_nested_args_pass_through_steps(tmp_path):

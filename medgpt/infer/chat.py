@@ -1,6 +1,6 @@
 """Chat with a model in the terminal; answers stream in as they are generated.
 
-    medgpt chat --model.name_or_path outputs/demo/merged
+    medgpt chat --model.name_or_path outputs/demo/merge
     medgpt chat --model.name_or_path Qwen/Qwen2.5-0.5B-Instruct --model.adapter outputs/sft --chat.system "..."
 
 The conversation is kept and sent whole each turn (the oldest turns are dropped when it outgrows the model's

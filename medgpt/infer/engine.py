@@ -1,6 +1,6 @@
 """The one generation path: `medgpt chat`, `generate`, `serve`, `webui`, `rag ask` and `eval` all call it.
 
-    engine = Engine.load(ModelArgs(name_or_path="outputs/demo/merged"))
+    engine = Engine.load(ModelArgs(name_or_path="outputs/demo/merge"))
     result = engine.chat([{"role": "user", "content": "What is hypertension?"}], GenArgs(temperature=0))
     for delta in engine.stream(messages, gen): print(delta, end="")
 
