@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from medgpt.config import arg, build, flatten, iter_fields, load_yaml, parse_argv, to_dict
-from medgpt.infer.sample import SampleConfig, run_sample
+from medgpt.eval.sample import SampleConfig, run_sample
 from medgpt.utils import MedGPTError, atomic_write, is_main_process, log, write_json
 
 MARKER = "pipeline_step.json"  # in a step's dir after it succeeded: its argv, resolved config, wall time

@@ -316,7 +316,7 @@ def test_nested_args_pass_through_steps(tmp_path):
 
 def test_sample_scores_answers_against_file_references(tmp_path, tiny_llama):
     from medgpt.eval.rouge import rouge_l
-    from medgpt.infer.sample import SampleConfig, run_sample
+    from medgpt.eval.sample import SampleConfig, run_sample
 
     conversations = [[{"from": "human", "value": "发烧怎么办？"}, {"from": "gpt", "value": "多喝水，注意休息。"}],
                      [{"from": "human", "value": "What is a fever?"},

@@ -40,6 +40,7 @@ from pathlib import Path
 from medgpt.args import DataArgs
 from medgpt.config import arg, section
 from medgpt.data.minhash import contamination, eval_index, normalize, units
+from medgpt.data.text import record_parts, record_text
 from medgpt.utils import MedGPTError, atomic_write
 
 REASONS = ("too_short", "too_long", "repetitive", "exact_duplicate", "near_duplicate", "contaminated")
@@ -91,25 +92,6 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- text of a record
-
-def record_parts(rec: dict) -> list[str]:
-    """The natural-language strings of a canonical record (roles and answer letters left out)."""
-    parts: list[str] = []
-    for key in ("text", "question"):
-        if isinstance(rec.get(key), str):
-            parts.append(rec[key])
-    parts += list(rec.get("options", {}).values())
-    for key in ("messages", "prompt", "chosen", "rejected"):
-        parts += [m["content"] for m in rec.get(key, ())]
-    if isinstance(rec.get("answer"), str) and "options" not in rec:
-        parts.append(rec["answer"])
-    return parts
-
-
-def record_text(rec: dict) -> str:
-    """A record's strings one per line: what length, dedup and contamination look at."""
-    return "\n".join(record_parts(rec))
-
 
 def scrub_obj(obj, types, counts: Counter):
     """Every string inside a raw record (any nesting) scrubbed; keys and non-strings untouched. The record is one

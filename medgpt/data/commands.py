@@ -111,7 +111,7 @@ def _lengths(records: list[dict], tokenizer, template) -> tuple[list[int], list[
             total.append(len(enc.input_ids))
             trained.append(sum(1 for x in enc.labels if x != -100))
         else:
-            from medgpt.scratch.tokenizer import record_text
+            from medgpt.data.text import record_text
 
             n = len(tokenizer(record_text(rec), add_special_tokens=False).input_ids)
             total.append(n)

@@ -1,1 +1,1 @@
-"""MedGPT infer."""
+"""Generation: the engine, chat, batch generate (layer: infer; imports data, model and lower)."""

@@ -133,7 +133,7 @@ def _markdown(text: str) -> list[Segment]:
     return out
 
 
-def record_text(obj: dict) -> str:
+def document_text(obj: dict) -> str:
     """The text of one JSON record: its `text`/`content` field, else the canonical record rendered as text."""
     from medgpt.data.formats import record_kind, render_mcq, to_canonical
 
@@ -163,7 +163,7 @@ def _records(path: str, encoding: str = "auto") -> list[Segment]:
             raise MedGPTError(f"{raw.file}:{raw.line}: {_rag_hint(raw.error)}. Fix the record, or run "
                               f"`medgpt data validate {path}` to list every problem.")
         try:
-            text = record_text(raw.obj)
+            text = document_text(raw.obj)
         except RecordError as e:
             raise MedGPTError(f"{raw.file}:{raw.line}: {e}. A knowledge-base record needs a `text` or `content` "
                               f"field (or any record format medgpt reads).") from None

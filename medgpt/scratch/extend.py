@@ -284,7 +284,7 @@ def _check_rows(rows, n_tokens: int, model_dir: str, tokenizer_src: str) -> None
 
 def _texts(files: list[str], d: DataArgs) -> Iterable[str]:
     from medgpt.data.validate import iter_canonical
-    from medgpt.scratch.tokenizer import record_text
+    from medgpt.data.text import record_text
 
     records = iter_canonical(files, format=d.format, columns=d.columns, encoding=d.encoding,
                              text_mode=d.text_mode, max_samples=d.max_samples)

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerFast
 
 from medgpt.args import DataArgs
 from medgpt.config import arg, save_config, section
+from medgpt.data.text import record_text
 
 EOS = "<|endoftext|>"   # document separator in pretraining; also ends generation of base models
 IM_START = "<|im_start|>"
@@ -75,23 +76,6 @@ class TrainConfig:
     tokenizer: TokenizerArgs = section(TokenizerArgs)
     output_dir: str = arg("", "Where to save the tokenizer (a PreTrainedTokenizerFast directory).")
     overwrite: bool = arg(False, "Write into a non-empty output_dir.")
-
-
-def record_text(rec: dict) -> str:
-    """All the natural-language text of a canonical record, whatever its kind."""
-    if "text" in rec:
-        return rec["text"]
-    parts: list[str] = []
-    for key in ("messages", "prompt", "chosen", "rejected"):
-        val = rec.get(key)
-        if isinstance(val, str):
-            parts.append(val)
-        elif isinstance(val, list):
-            parts += [m["content"] for m in val]
-    if "question" in rec:
-        parts.append(rec["question"])
-        parts += list(rec.get("options", {}).values())
-    return "\n".join(parts)
 
 
 def train(cfg: TrainConfig) -> int:
