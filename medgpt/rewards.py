@@ -28,12 +28,11 @@ import unicodedata
 from pathlib import Path
 from typing import Callable
 
+from medgpt.data.text import units
 from medgpt.utils import MedGPTError, log
 
 # ----------------------------------------------------------------------------------------------- text helpers
 
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"  # kana, CJK ideographs, hangul
-_UNITS = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
 
 
 def completion_text(completion) -> str:
@@ -43,11 +42,6 @@ def completion_text(completion) -> str:
     if isinstance(completion, dict):
         return str(completion.get("content") or "")
     return "\n".join(str(m.get("content") or "") for m in completion if m.get("role", "assistant") == "assistant")
-
-
-def units(text: str) -> list[str]:
-    """CJK characters and (case-folded) words: what `length` counts and `repetition` builds n-grams from."""
-    return _UNITS.findall(unicodedata.normalize("NFKC", text).casefold())
 
 
 def normalize(text: str) -> str:

@@ -33,7 +33,8 @@ import unicodedata
 
 import numpy as np
 
-_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+from medgpt.data.text import CJK as _CJK
+
 _UNITS = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")  # one Chinese character, or one run of letters/digits
 _WS = re.compile(r"\s+")
 

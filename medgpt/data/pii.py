@@ -39,11 +39,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 from medgpt.data import pii_formats as fmt
-from medgpt.data.pii_formats import CJK as _CJK
 from medgpt.data.pii_formats import NA as _NA
 from medgpt.data.pii_formats import NB as _NB
 from medgpt.data.pii_formats import id_check_char, luhn_ok, valid_card, valid_id  # noqa: F401 (the public API)
 from medgpt.data.pii_names import scrub_names, spread
+from medgpt.data.text import CJK_UNIFIED as _CJK
 
 TYPES = ("ID", "PHONE", "MRN", "EMAIL", "BANK_CARD", "DOB", "NAME", "ADDRESS", "SSN", "ACCOUNT", "LICENSE",
          "PLATE", "DEVICE", "URL", "IP")

@@ -18,7 +18,6 @@ import re
 # Digits and Latin letters glued to a number make it part of a longer token (a code, a serial): not PII.
 NB = r"(?<![0-9A-Za-z])"
 NA = r"(?![0-9A-Za-z])"
-CJK = "\u4e00-\u9fff"
 
 _ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 

@@ -16,6 +16,8 @@ import functools
 import re
 from collections import Counter
 
+from medgpt.data.text import CJK_UNIFIED as _CJK
+
 # The ~120 most common surnames (about nine in ten people), single and compound.
 SURNAMES = set("王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾萧田董袁潘蒋蔡余杜叶程苏魏吕丁"
                "任沈姚卢姜崔钟谭陆汪范金石廖贾夏韦傅方邹熊孟秦邱江尹薛闫阎段雷侯龙史陶黎贺顾毛郝龚邵万钱严覃"
@@ -63,7 +65,6 @@ NOT_NAMES = ("高热", "高烧", "高血", "高龄", "高危", "高度", "高峰
              "席间", "戚属", "管道", "段落", "谷氨", "孔隙", "岳父", "岳母", "庞大", "申请", "齐全", "乔迁", "双侧",
              "体健", "健在", "同意", "陪同", "签字", "要求", "表示", "拒绝", "商议", "知情", "理解", "代诉")
 
-_CJK = "\u4e00-\u9fff"
 _UP, _LO = "A-ZÀ-ÖØ-Þ", "a-zß-öø-ÿ"
 # One capitalised name word: Smith, Lopez-Hart, O'Connor, McDonald, Müller.
 _WORD = (rf"(?:[{_UP}][{_LO}]{{0,2}}[{_UP}][{_LO}]+|[{_UP}]['’][{_UP}][{_LO}]+"

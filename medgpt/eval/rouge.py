@@ -12,15 +12,7 @@ punctuation and spaces are dropped. Mixed text is both at once: "血压140/90 mm
 
 from __future__ import annotations
 
-import re
-import unicodedata
-
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"  # kana, CJK ideographs, hangul
-_UNITS = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
-
-
-def units(text: str) -> list[str]:
-    return _UNITS.findall(unicodedata.normalize("NFKC", text).casefold())
+from medgpt.data.text import units
 
 
 def lcs_length(a: list, b: list) -> int:

@@ -28,7 +28,8 @@ from collections import Counter
 
 import numpy as np
 
-_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+from medgpt.data.text import CJK as _CJK
+
 # Lucene's English stop set plus question words; a few Chinese particles and question words.
 STOPWORDS = set("""a an and are as at be but by for if in into is it no not of on or such that the their then there
 these they this to was will with what which who whom how when why do does did i me my you your can could should

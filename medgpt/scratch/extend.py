@@ -36,9 +36,10 @@ from typing import Iterable, Optional
 
 from medgpt.args import DataArgs, ModelArgs
 from medgpt.config import arg, section
+from medgpt.data.text import CJK
 
 DEMO = Path(__file__).resolve().parents[2] / "data" / "demo"
-CJK_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+CJK_RUN = re.compile(f"[{CJK}]+")
 LATIN_WORD = re.compile(r"[A-Za-zÀ-ÖØ-öø-ÿ][A-Za-zÀ-ÖØ-öø-ÿ0-9]*")
 LATIN_START = re.compile(r"[A-Za-zÀ-ÖØ-öø-ÿ0-9]")
 # Particles and conjunctions almost never begin or end a term; being the commonest characters of all, n-grams
@@ -283,8 +284,8 @@ def _check_rows(rows, n_tokens: int, model_dir: str, tokenizer_src: str) -> None
 
 
 def _texts(files: list[str], d: DataArgs) -> Iterable[str]:
-    from medgpt.data.validate import iter_canonical
     from medgpt.data.text import record_text
+    from medgpt.data.validate import iter_canonical
 
     records = iter_canonical(files, format=d.format, columns=d.columns, encoding=d.encoding,
                              text_mode=d.text_mode, max_samples=d.max_samples)
