@@ -66,7 +66,11 @@ browser:
 	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei; \
 	  fi; }
 
-test: install browser real-model
+# ruff, configured in pyproject.toml: pyflakes, pycodestyle, import order. `make test` runs it first.
+lint: install
+	$(BIN)/ruff check .
+
+test: install browser real-model lint
 	MEDGPT_REAL_MODEL=$(REAL_MODEL) $(BIN)/python -m pytest -q
 
 test-fast: install browser real-model

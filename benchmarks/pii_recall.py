@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from medgpt.data.pii import TYPES, scrub_record
+from medgpt.data.pii import TYPES, scrub_record  # noqa: E402  (after the sys.path line: runs from a checkout)
 
 NOTES = ROOT / "benchmarks" / "pii_notes.jsonl"
 _PLACEHOLDER = re.compile(r"\[(" + "|".join(TYPES) + r")\]")

@@ -39,7 +39,8 @@ WARMUP = 2  # requests per configuration before the clock starts
 
 def build_model(out: Path) -> Path:
     """A random-init ~2M-parameter llama + a BPE tokenizer trained on the demo corpus, saved to `out`."""
-    from medgpt.scratch.model import ArchArgs, build_model as build, model_config
+    from medgpt.scratch.model import ArchArgs, model_config
+    from medgpt.scratch.model import build_model as build
     from medgpt.scratch.tokenizer import train_bpe
 
     texts = [line for p in sorted(DEMO.glob("pretrain_*.txt")) for line in p.read_text("utf-8").splitlines()]

@@ -29,6 +29,7 @@ from medgpt.outdir import claim
 from medgpt.run import COMPLETE, completed_checkpoints, final_save, plot_loss
 from medgpt.utils import MedGPTError, atomic_write, is_main_process, log, write_json
 
+
 def disable_dropout(model) -> None:
     """PPO's log-prob ratios and values must be deterministic functions of the weights (Huang et al. 2024):
     dropout would make the rollout's old log-probs disagree with the update's even before any step."""

@@ -12,8 +12,8 @@ import pytest
 from medgpt.cli import main
 from medgpt.data import minhash
 from medgpt.data.clean import CleanArgs, dup_line_frac, dup_ngram_frac, filter_reason, top_ngram_frac
-from medgpt.data.text import record_text
 from medgpt.data.minhash import normalize, units
+from medgpt.data.text import record_text
 
 ROOT = Path(__file__).resolve().parents[1]
 VALID_ID = "11010519491231002X"

@@ -145,8 +145,9 @@ def shipped_yaml() -> list[Path]:
 @pytest.mark.parametrize("path", shipped_yaml(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_yaml_loads_through_its_command(path):
     """Each YAML starts with the command that runs it; that command's config must accept every key."""
-    from medgpt.cli import resolve
     import importlib
+
+    from medgpt.cli import resolve
 
     first = path.read_text(encoding="utf-8").splitlines()[0]
     m = re.match(r"#\s*medgpt\s+(.+)", first)

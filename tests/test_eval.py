@@ -20,9 +20,11 @@ from medgpt.eval.harness import flatten, harness_args, run_harness
 from medgpt.eval.mcq import accuracy, mcq_messages, reply_ids, score_generate, score_loglik
 from medgpt.eval.perplexity import perplexity, windows
 from medgpt.eval.rouge import lcs_length, rouge_l, units
-from medgpt.eval.safety import judge, read_probes, tally as safety_tally
+from medgpt.eval.safety import judge, read_probes
+from medgpt.eval.safety import tally as safety_tally
 from medgpt.eval.scoring import logprobs
-from medgpt.eval.winrate import score as winrate_score, tally as winrate_tally
+from medgpt.eval.winrate import score as winrate_score
+from medgpt.eval.winrate import tally as winrate_tally
 from medgpt.infer.engine import Engine, Result
 from medgpt.utils import MedGPTError
 

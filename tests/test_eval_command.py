@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from medgpt.cli import main
-from medgpt.eval.command import summary
 from medgpt.data.text import has_cjk
+from medgpt.eval.command import summary
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"

@@ -15,8 +15,13 @@ sys.path.insert(0, str(Path(__file__).parent / "stages"))
 from stagekit import QUICK, _tracked, assert_all_changed, assert_artifacts, run_stage  # noqa: E402
 
 from medgpt.config import parse_argv  # noqa: E402
-from medgpt.scratch.extend import Config, count_candidates, run, select_words  # noqa: E402
-from medgpt.scratch.extend import _most_frequent_casing  # noqa: E402
+from medgpt.scratch.extend import (  # noqa: E402
+    Config,
+    _most_frequent_casing,  # noqa: E402
+    count_candidates,
+    run,
+    select_words,
+)
 from medgpt.utils import MedGPTError  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"

@@ -4,7 +4,6 @@ failing steps, and a recipe checked in full before its first step runs."""
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import re
 from pathlib import Path

@@ -9,8 +9,18 @@ import shutil
 import pytest
 
 from medgpt.args import RewardArgs
-from medgpt.rewards import (RULES, RewardModel, answer_match, build_rewards, check_rewards, chosen_letter, format,
-                            length, repetition, units)
+from medgpt.rewards import (
+    RULES,
+    RewardModel,
+    answer_match,
+    build_rewards,
+    check_rewards,
+    chosen_letter,
+    format,
+    length,
+    repetition,
+    units,
+)
 from medgpt.utils import MedGPTError
 
 

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import pytest
 
-from medgpt.scratch.schedule import (Phase, decay_steps, lr_multiplier, parse_phases, phase_index, phase_start,
-                                     sample_source, total_steps, warmup_steps)
+from medgpt.scratch.schedule import (
+    Phase,
+    decay_steps,
+    lr_multiplier,
+    parse_phases,
+    phase_index,
+    phase_start,
+    sample_source,
+    total_steps,
+    warmup_steps,
+)
 from medgpt.utils import MedGPTError
 
 

@@ -11,9 +11,20 @@ import jinja2
 import pytest
 from transformers import AutoTokenizer
 
-from medgpt.data.templates import (IGNORE_INDEX, TEMPLATES, _label_by_offsets, _label_by_segments, apply_template,
-                                   check_tokenizer, encode, encode_prompt, get_template, get_template_for, render,
-                                   to_jinja)
+from medgpt.data.templates import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    _label_by_offsets,
+    _label_by_segments,
+    apply_template,
+    check_tokenizer,
+    encode,
+    encode_prompt,
+    get_template,
+    get_template_for,
+    render,
+    to_jinja,
+)
 from medgpt.utils import MedGPTError
 
 NAMED = [name for name, t in TEMPLATES.items() if not t.from_tokenizer]

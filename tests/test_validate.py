@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from medgpt.data.validate import (FileReport, Problem, format_report, iter_canonical, load_records,
-                                  validate_files)
+from medgpt.data.validate import FileReport, Problem, format_report, iter_canonical, load_records, validate_files
 from medgpt.utils import MedGPTError
 
 FIX = Path(__file__).parent / "fixtures" / "data"

@@ -18,8 +18,20 @@ import pytest
 
 from medgpt.args import GenArgs, ModelArgs
 from medgpt.rag.answer import KnowledgeArgs, fit_augment
-from medgpt.serve.webui import (DISCLAIMER, LOGIN_CLIENT, SOURCES_TITLE, Config, LoginGuard, WebUIArgs, build_ui,
-                                fit_context, launch, parse_auth, stream_reply, to_messages)
+from medgpt.serve.webui import (
+    DISCLAIMER,
+    LOGIN_CLIENT,
+    SOURCES_TITLE,
+    Config,
+    LoginGuard,
+    WebUIArgs,
+    build_ui,
+    fit_context,
+    launch,
+    parse_auth,
+    stream_reply,
+    to_messages,
+)
 from medgpt.utils import MedGPTError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -260,7 +260,9 @@ def _scrub_ip(text, low, counts):
     if not (_DOTTED.search(text) or "::" in text or text.count(":") >= 7):
         return text
     # 4.2.1.3 is a section number; an address has a two-digit part (8.8.8.8 is not caught without a label)
-    keep = lambda m: ":" in m.group(0) or "ip" in low or any(len(p) > 1 for p in m.group(0).split("."))
+    def keep(m):
+        return ":" in m.group(0) or "ip" in low or any(len(p) > 1 for p in m.group(0).split("."))
+
     return _sub(_IP, "IP", keep, counts, text)
 
 

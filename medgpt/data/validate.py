@@ -21,8 +21,17 @@ from dataclasses import dataclass, field
 from itertools import chain, islice
 from typing import Iterator, Literal
 
-from medgpt.data.formats import (FORMATS, SHAPES, RecordError, apply_columns, as_kind, can_convert,
-                                 detect_format, kind_of, to_canonical)
+from medgpt.data.formats import (
+    FORMATS,
+    SHAPES,
+    RecordError,
+    apply_columns,
+    as_kind,
+    can_convert,
+    detect_format,
+    kind_of,
+    to_canonical,
+)
 from medgpt.data.readers import expand_paths, iter_raw
 from medgpt.utils import MedGPTError, log
 

@@ -30,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from medgpt.data.formats import LETTERS, RecordError, record_kind, to_canonical
-from medgpt.data.readers import expand_paths, iter_raw
+from medgpt.data.readers import iter_raw
 from medgpt.utils import MedGPTError
 
 SHAPES = ("auto", "canonical", "medqa", "medmcqa", "pubmedqa", "cmexam", "cmb", "ceval")
@@ -265,8 +265,3 @@ def read_mcq_file(path: str, shape: str = "auto", medmcqa_cop: str = "auto", max
         why = ", ".join(f"{n} skipped: {r}" for r, n in out.skipped.items())
         raise MedGPTError(f"{path}: no question to score ({why}).")
     return out
-
-
-def read_mcq_files(specs: list[str], shape: str = "auto", medmcqa_cop: str = "auto",
-                   max_samples: int | None = None) -> list[McqFile]:
-    return [read_mcq_file(p, shape, medmcqa_cop, max_samples) for p in expand_paths(specs)]

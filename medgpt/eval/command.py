@@ -203,9 +203,9 @@ def _check(cfg: Config) -> None:
 def _read(cfg: Config) -> dict[str, list]:
     """Every data file of every enabled part, read and checked: {part: [(name, path, payload)]}."""
     from medgpt.data.readers import expand_paths
+    from medgpt.data.text import has_cjk
     from medgpt.data.validate import load_records
     from medgpt.eval.benchmarks import read_mcq_file
-    from medgpt.data.text import has_cjk
     from medgpt.eval.ragqa import read_questions
     from medgpt.eval.safety import probe_files, read_probes
 

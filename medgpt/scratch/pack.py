@@ -313,8 +313,8 @@ def run(cfg: Config) -> int:
     from medgpt.config import save_config
     from medgpt.data.validate import iter_canonical
     from medgpt.model.load import load_tokenizer
-    from medgpt.scratch.memmap import FORMAT, META, dtype_for
     from medgpt.outdir import abandon, mark_complete, prepare_output_dir
+    from medgpt.scratch.memmap import FORMAT, META, dtype_for
     from medgpt.utils import MedGPTError, is_main_process, log, write_json
 
     # Everything that can be refused is refused before any output exists.

@@ -55,8 +55,18 @@ import numpy as np
 from medgpt.outdir import claim
 from medgpt.run import COMPLETE, completed_checkpoints, final_save, plot_loss, precision
 from medgpt.scratch import memmap
-from medgpt.scratch.schedule import (SCHEDULES, Phase, decay_steps, lr_multiplier, parse_phases, phase_index,
-                                     phase_start, sample_source, total_steps, warmup_steps)
+from medgpt.scratch.schedule import (
+    SCHEDULES,
+    Phase,
+    decay_steps,
+    lr_multiplier,
+    parse_phases,
+    phase_index,
+    phase_start,
+    sample_source,
+    total_steps,
+    warmup_steps,
+)
 from medgpt.utils import MedGPTError, atomic_write, is_main_process, log, write_json
 
 

@@ -44,8 +44,21 @@ from medgpt.args import GenArgs, ModelArgs
 from medgpt.config import arg, section
 from medgpt.rag.answer import KnowledgeArgs, load_knowledge
 from medgpt.serve.batcher import Batcher, Job
-from medgpt.serve.schema import (APIError, bad, budget, chunk, completion, engine_error, field, finish_reason,
-                                 read_json, sampling, sse, to_messages, usage)
+from medgpt.serve.schema import (
+    APIError,
+    bad,
+    budget,
+    chunk,
+    completion,
+    engine_error,
+    field,
+    finish_reason,
+    read_json,
+    sampling,
+    sse,
+    to_messages,
+    usage,
+)
 from medgpt.utils import MedGPTError, log
 
 KEY_ENV = "MEDGPT_API_KEY"

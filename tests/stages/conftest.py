@@ -1,7 +1,6 @@
 """Fixtures for stage tests; the helpers live in stagekit.py."""
 
 import pytest
-
 from stagekit import _tracked
 
 

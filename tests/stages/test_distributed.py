@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from stagekit import FIXTURES
 
 ROOT = Path(__file__).resolve().parents[2]

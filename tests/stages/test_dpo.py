@@ -6,9 +6,9 @@ import json
 import math
 
 import pytest
+from stagekit import FIXTURES, QUICK, assert_all_changed, assert_artifacts, run_stage
 
 from medgpt.cli import main
-from stagekit import FIXTURES, QUICK, assert_all_changed, assert_artifacts, run_stage
 
 # Plain-string, multi-turn (with system) and Chinese question/response pairs, and HH-style whole conversations.
 DATA = f"{FIXTURES}/preference.jsonl,{FIXTURES}/hh.jsonl"
@@ -49,10 +49,10 @@ def test_dpo_trains_and_saves(ft, tiny_llama, tmp_path, tracked):
 def test_trl_ids_are_our_template(tiny_llama, tmp_path, trainers):
     """What TRL trains on: prompt ids = encode_prompt, prompt + chosen ids = encode ids; the scored reply is our
     trained span (reply + <|im_end|>) plus the template's separator, never a prompt token."""
+    from medgpt.args import ModelArgs
     from medgpt.data.templates import IGNORE_INDEX, encode, encode_prompt, get_template
     from medgpt.data.validate import load_records
     from medgpt.model.load import load_tokenizer
-    from medgpt.args import ModelArgs
 
     run_stage("dpo", "--model.name_or_path", tiny_llama, "--data.train_files", DATA, "--finetune.type", "lora",
               "--template", "chatml", "--output_dir", tmp_path / "out", *QUICK, "--train.max_steps", "1")

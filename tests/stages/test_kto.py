@@ -6,9 +6,9 @@ import json
 import math
 
 import pytest
+from stagekit import FIXTURES, QUICK, assert_all_changed, assert_artifacts, run_stage
 
 from medgpt.cli import main
-from stagekit import FIXTURES, QUICK, assert_all_changed, assert_artifacts, run_stage
 
 PAIRS = f"{FIXTURES}/preference.jsonl,{FIXTURES}/hh.jsonl"  # 5 pairs -> 5 desirable + 5 undesirable examples
 UNPAIRED = [

@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import partial
 
 import pytest
-
 from stagekit import DEMO, FIXTURES, QUICK, assert_all_changed, assert_artifacts, run_stage
 
 DATA = f"{FIXTURES}/preference.jsonl,{DEMO}/preference.jsonl"

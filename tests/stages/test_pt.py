@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from stagekit import DEMO, FIXTURES, QUICK, assert_all_changed, assert_artifacts, run_stage
 
 from medgpt.cli import main
-from stagekit import DEMO, FIXTURES, QUICK, assert_all_changed, assert_artifacts, run_stage
 
 
 def fails(capsys, *argv) -> str:

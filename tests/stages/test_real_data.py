@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from stagekit import FIXTURES, QUICK, assert_artifacts, run_stage
 
 from medgpt.cli import main
-from stagekit import FIXTURES, QUICK, assert_artifacts, run_stage
 
 MEDICALGPT = f"{FIXTURES}/medicalgpt_reward.jsonl"
 

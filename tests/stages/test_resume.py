@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
+from stagekit import FIXTURES, run_stage
 
 from medgpt.outdir import claim
 from medgpt.run import COMPLETE
-from stagekit import FIXTURES, run_stage
 
 DATA = f"{FIXTURES}/sharegpt.jsonl,{FIXTURES}/alpaca.json,{FIXTURES}/openai.jsonl"
 ROOT = Path(__file__).resolve().parents[2]

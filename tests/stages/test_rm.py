@@ -6,9 +6,9 @@ import json
 import math
 
 import pytest
+from stagekit import DEMO, FIXTURES, QUICK, assert_all_changed, assert_artifacts, run_stage
 
 from medgpt.cli import main
-from stagekit import DEMO, FIXTURES, QUICK, assert_all_changed, assert_artifacts, run_stage
 
 PAIRS = FIXTURES / "preference.jsonl"
 

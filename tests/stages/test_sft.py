@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from stagekit import FIXTURES, QUICK, assert_all_changed, assert_artifacts, run_stage
 
 DATA = f"{FIXTURES}/sharegpt.jsonl,{FIXTURES}/alpaca.json,{FIXTURES}/openai.jsonl"

@@ -6,11 +6,11 @@ from functools import partial
 
 import pytest
 import torch
+from stagekit import QUICK, assert_all_changed, assert_artifacts, run_stage
+from test_orpo import DATA, LONG, fit_margin
 
 from medgpt.cli import main
 from medgpt.stages.simpo import SimPOArgs, simpo_objective
-from stagekit import QUICK, assert_all_changed, assert_artifacts, run_stage
-from test_orpo import DATA, LONG, fit_margin
 
 
 @pytest.mark.parametrize("ft", ["full", "lora"])

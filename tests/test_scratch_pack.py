@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import sys
-import subprocess
-import os
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
