@@ -1,4 +1,4 @@
-"""CPU training speed with denormal floats flushed to zero (what every medgpt training run does, medgpt/run.py)
+"""CPU training speed with denormal floats flushed to zero (what every medgpt training run does, medgpt/train/run.py)
 vs computed in full, side by side in one run.
 
     python benchmarks/cpu_denormals.py                 # ~1.3M-parameter Llama (the demo's shape), ~2 min on 2 CPUs

@@ -67,7 +67,7 @@ def variant(model_dir: str, mode: str, args, queue) -> None:
 
     from medgpt.data.prepare import PackedCollator, chat_dataset, pack
     from medgpt.data.validate import load_records
-    from medgpt.run import precision
+    from medgpt.train.run import precision
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

@@ -9,8 +9,7 @@ Layers, lowest first; a module imports only its own layer or lower ones, lazy im
     args           args.py                              option groups shared by commands
     model          model/                               loading, adapters, merge, GGUF
     data           data/                                files -> records -> datasets, templates, cleaning
-    train          run.py, ppo_trainer.py, rewards.py,  run lifecycle, own trainers, rewards, losses
-                   preference.py, losses.py
+    train          train/                               run lifecycle, own trainers (PPO, ORPO/SimPO), rewards, losses
     scratch        scratch/                             tokenizer, vocabulary extension, packing, pretraining
     stages, infer  stages/, infer/                      one recipe per training command; the generation engine
     rag, eval      rag/, eval/                          knowledge base; evaluation and sample answers

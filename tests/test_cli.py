@@ -108,8 +108,8 @@ def test_training_start_flushes_denormals(tmp_path):
     import torch
 
     from medgpt.config import parse_argv
-    from medgpt.run import start
     from medgpt.stages.sft import Config
+    from medgpt.train.run import start
 
     torch.set_flush_denormal(False)  # an earlier test in this process may have turned it on
     tiny = torch.tensor([1e-39])  # below float32's smallest normal number (1.2e-38)

@@ -12,7 +12,7 @@ LAYERS = [
     ("args", ["args"]),
     ("model", ["model"]),
     ("data", ["data"]),
-    ("train", ["train", "run", "ppo_trainer", "rewards", "preference", "losses"]),
+    ("train", ["train"]),
     ("scratch", ["scratch"]),
     ("stages and infer", ["stages", "infer"]),
     ("rag and eval", ["rag", "eval"]),

@@ -1,4 +1,4 @@
-"""Golden tests for medgpt/losses.py: every expected number is worked out by hand in the comments.
+"""Golden tests for medgpt/train/losses.py: every expected number is worked out by hand in the comments.
 
 Run: python -m pytest tests/test_losses.py -q   (pure tensor code, milliseconds)
 """
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from medgpt.losses import (
+from medgpt.train.losses import (
     apply_missing_eos_penalty,
     gae,
     kl_penalized_rewards,

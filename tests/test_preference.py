@@ -11,10 +11,10 @@ from functools import partial
 import pytest
 import torch
 
-import medgpt.preference as P
+import medgpt.train.preference as P
 from medgpt.data.templates import IGNORE_INDEX, encode, encode_prompt
-from medgpt.losses import orpo_loss, sequence_logps
-from medgpt.preference import PreferenceCollator, encode_pair, encode_response, preference_dataset
+from medgpt.train.losses import orpo_loss, sequence_logps
+from medgpt.train.preference import PreferenceCollator, encode_pair, encode_response, preference_dataset
 from medgpt.utils import MedGPTError
 
 
@@ -109,7 +109,7 @@ def test_trainer_loss_equals_orpo_loss_of_separate_passes(tiny_llama, tokenizer,
     """The concatenated, padded forward pass gives the loss of one unpadded pass per sequence."""
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from medgpt.preference import PreferenceTrainer
+    from medgpt.train.preference import PreferenceTrainer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     rows = [encode_pair(r, "chatml", tokenizer, 1024)[0] for r in (MULTI, SHORT)]

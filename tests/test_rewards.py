@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from medgpt.args import RewardArgs
-from medgpt.rewards import (
+from medgpt.train.rewards import (
     RULES,
     RewardModel,
     answer_match,

@@ -452,7 +452,7 @@ def _winrate(answers_a, files, cfg: Config, out: Path, metrics: dict) -> list[st
     from medgpt.eval.scoring import generate_answers
     from medgpt.eval.winrate import score, tally
     from medgpt.infer.engine import Engine
-    from medgpt.rewards import RewardModel
+    from medgpt.train.rewards import RewardModel
 
     e = cfg.eval
     b_args = dataclasses.replace(cfg.model, name_or_path=e.compare_model, adapter=e.compare_adapter)

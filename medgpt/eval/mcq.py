@@ -103,7 +103,7 @@ def score_generate(engine, records: list[dict], gen, *, batch_size: int = 16, ma
                    system: str | None = None) -> tuple[list[dict], int]:
     """Each record's greedy reply and the letter parsed from it (None: no option letter found)."""
     from medgpt.eval.scoring import generate_answers
-    from medgpt.rewards import chosen_letter
+    from medgpt.train.rewards import chosen_letter
 
     greedy = replace(gen, temperature=0.0, max_new_tokens=max_new_tokens)
     results, cut = generate_answers(engine, [mcq_messages(r, system) for r in records], greedy, batch_size,

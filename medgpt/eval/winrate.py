@@ -4,7 +4,7 @@
         --eval.reward_model outputs/rm --eval.prompt_files data/heldout/prompts.jsonl
 
 Both models answer every prompt with the same --gen settings (greedy by default); the reward model (`medgpt rm`
-output, full or LoRA, via `medgpt.rewards.RewardModel`) scores each (prompt, answer) with its own tokenizer and
+output, full or LoRA, via `medgpt.train.rewards.RewardModel`) scores each (prompt, answer) with its own tokenizer and
 chat template. Per prompt: A wins when its score beats B's by more than --eval.tie_margin, loses when B's beats it
 by more, else a tie.
 

@@ -53,7 +53,6 @@ from pathlib import Path
 import numpy as np
 
 from medgpt.outdir import claim
-from medgpt.run import COMPLETE, completed_checkpoints, final_save, plot_loss, precision
 from medgpt.scratch import memmap
 from medgpt.scratch.schedule import (
     SCHEDULES,
@@ -67,6 +66,7 @@ from medgpt.scratch.schedule import (
     total_steps,
     warmup_steps,
 )
+from medgpt.train.run import COMPLETE, completed_checkpoints, final_save, plot_loss, precision
 from medgpt.utils import MedGPTError, atomic_write, is_main_process, log, write_json
 
 
@@ -303,8 +303,8 @@ def describe(model, n: dict, flops: int) -> None:
 def pretrain(cfg) -> int:
     """From-scratch / packed-data pretraining; see the module docstring."""
     p = plan(cfg)  # data first: a bad dir or phase fails in seconds, before the model loads
-    from medgpt import run as R
     from medgpt.model.load import load_tokenizer
+    from medgpt.train import run as R
 
     src = tokenizer_source(cfg, p)
     tokenizer = load_tokenizer(dataclasses.replace(cfg.model, name_or_path=src))

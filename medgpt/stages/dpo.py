@@ -132,10 +132,10 @@ def last_logged(history: list[dict], prefixes: tuple[str, ...] = LOGGED) -> dict
 
 def run(cfg: Config) -> int:
     """Direct preference optimization on preference pairs (TRL DPOTrainer)."""
-    from medgpt import run as R
     from medgpt.data.templates import apply_template, get_template_for
     from medgpt.data.validate import load_splits
     from medgpt.model.load import load_model, load_tokenizer
+    from medgpt.train import run as R
 
     loss_types, loss_weights = losses(cfg.dpo)
     # Data first: a bad file fails in seconds, before any model loads.

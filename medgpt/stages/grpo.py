@@ -69,12 +69,12 @@ class Config:
 
 def run(cfg: Config) -> int:
     """Online RL with group-relative advantages (TRL GRPOTrainer)."""
-    from medgpt import run as R
     from medgpt.data.prepare import prompt_dataset
     from medgpt.data.templates import apply_template, get_template_for, stop_token_ids
     from medgpt.data.validate import load_splits
     from medgpt.model.load import load_model, load_tokenizer
-    from medgpt.rewards import build_rewards, check_groups, check_rewards
+    from medgpt.train import run as R
+    from medgpt.train.rewards import build_rewards, check_groups, check_rewards
 
     # Data, rewards and batch shape first: a bad file, a typo in a reward name or a batch that cannot hold
     # whole groups fails in seconds, before any model loads.

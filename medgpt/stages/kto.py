@@ -232,9 +232,9 @@ def _weights(k: KTOArgs, labels: list[bool]) -> tuple[float, float]:
 
 def run(cfg: Config) -> int:
     """KTO on desirable/undesirable examples (TRL KTOTrainer)."""
-    from medgpt import run as R
     from medgpt.data.templates import apply_template, get_template_for
     from medgpt.model.load import load_model, load_tokenizer
+    from medgpt.train import run as R
 
     if cfg.kto.loss_type == "kto" and cfg.train.batch_size < 2:
         raise MedGPTError("--kto.loss_type kto needs --train.batch_size >= 2: the KL estimate scores each prompt "

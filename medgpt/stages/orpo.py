@@ -6,7 +6,7 @@
 
 Hong et al. 2024, https://arxiv.org/abs/2403.07691. Per pair, with log P the length-averaged log-prob of a reply:
     L = NLL(chosen) - λ · log σ(log odds(chosen) - log odds(rejected)),   odds = P / (1 - P),
-exactly `medgpt.losses.orpo_loss` (λ is --orpo.beta). ORPO starts from a base or SFT model alike: its NLL term
+exactly `medgpt.train.losses.orpo_loss` (λ is --orpo.beta). ORPO starts from a base or SFT model alike: its NLL term
 is the SFT loss.
 
 Recipe: validate data -> tokenizer + template -> tokenize pairs (only the final reply trains) -> load model
@@ -44,17 +44,17 @@ def run(cfg: Config) -> int:
     """Odds-ratio preference optimization on preference pairs."""
     from functools import partial
 
-    from medgpt import run as R
     from medgpt.data.templates import apply_template, get_template_for
     from medgpt.data.validate import load_splits
     from medgpt.model.load import load_model, load_tokenizer
+    from medgpt.train import run as R
 
     # Data first: a bad file fails in seconds, before any model loads.
     train_records, eval_records, invalid = load_splits(cfg.data, "preference", purpose="orpo", seed=cfg.train.seed)
     from transformers import TrainingArguments
 
-    from medgpt.losses import orpo_loss
-    from medgpt.preference import PreferenceCollator, PreferenceTrainer, preference_dataset
+    from medgpt.train.losses import orpo_loss
+    from medgpt.train.preference import PreferenceCollator, PreferenceTrainer, preference_dataset
 
     out = R.start(cfg)
     tokenizer = load_tokenizer(cfg.model)

@@ -14,7 +14,7 @@ The recipe follows
   Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO", https://arxiv.org/abs/2403.17031
       (penalty for responses without EOS, truncate after the end-of-turn token, sample with top_k=0 / top_p=1 and
       score at the sampling temperature, dropout off, gamma=1, lam=0.95, value head initialised from the RM).
-The math is in medgpt/losses.py (pure, golden-tested); the rollout/update loop in medgpt/ppo_trainer.py.
+The math is in medgpt/train/losses.py (pure, golden-tested); the rollout/update loop in medgpt/train/ppo.py.
 
 Choices:
 - Value model: a sequence-classification model (backbone + `score`: hidden -> 1) whose head is applied to EVERY
@@ -88,7 +88,7 @@ class Config:
 
 def check(cfg: Config) -> None:
     """Fail in milliseconds on settings that cannot work, before anything loads."""
-    from medgpt.rewards import check_rewards
+    from medgpt.train.rewards import check_rewards
 
     check_rewards(cfg.reward)  # no reward source, unknown rule, weights that do not match
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -148,17 +148,17 @@ def load(margs: ModelArgs, cfg: Config, task: str):
 
 def run(cfg: Config) -> int:
     """PPO (RLHF): rollouts scored by a reward model and/or rules, KL-penalized, GAE, clipped updates."""
-    from medgpt import run as R
     from medgpt.data.prepare import fit_prompt
     from medgpt.data.templates import apply_template, encode_prompt, get_template_for, stop_token_ids
     from medgpt.data.validate import load_splits
     from medgpt.model.load import load_tokenizer
+    from medgpt.train import run as R
 
     check(cfg)
     # Data first: a bad file fails in seconds, before any model loads.
     records, _, invalid = load_splits(cfg.data, "prompt", purpose="ppo", seed=cfg.train.seed)
-    from medgpt.ppo_trainer import PPOTrainer
-    from medgpt.rewards import build_rewards, check_rewards
+    from medgpt.train.ppo import PPOTrainer
+    from medgpt.train.rewards import build_rewards, check_rewards
 
     check_rewards(cfg.reward, records)  # e.g. answer_match without reference answers
 

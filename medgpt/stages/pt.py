@@ -165,9 +165,9 @@ def run(cfg: Config) -> int:
         from medgpt.scratch.pretrain import pretrain
 
         return pretrain(cfg)
-    from medgpt import run as R
     from medgpt.data.validate import load_records, load_splits
     from medgpt.model.load import load_model, load_tokenizer
+    from medgpt.train import run as R
 
     # Data first: a bad file or a missing flag fails in seconds, before any model loads.
     data = cfg.data

@@ -117,10 +117,10 @@ def pairwise_accuracy(trainer) -> float:
 
 def run(cfg: Config) -> int:
     """Train a pairwise (Bradley-Terry) reward model on preference pairs."""
-    from medgpt import run as R
     from medgpt.data.templates import apply_template, get_template_for
     from medgpt.data.validate import load_splits
     from medgpt.model.load import load_model, load_tokenizer
+    from medgpt.train import run as R
 
     # Data first: a bad file fails in seconds, before any model loads.
     train_records, eval_records, invalid = load_splits(cfg.data, "preference", purpose="rm", seed=cfg.train.seed)

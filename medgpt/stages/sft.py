@@ -46,11 +46,11 @@ class Config:
 
 def run(cfg: Config) -> int:
     """Supervised fine-tuning with assistant-only labels."""
-    from medgpt import run as R
     from medgpt.data.prepare import PackedCollator, chat_dataset, pack
     from medgpt.data.templates import apply_template, get_template_for
     from medgpt.data.validate import load_splits
     from medgpt.model.load import load_model, load_tokenizer
+    from medgpt.train import run as R
 
     # Data first: a bad file fails in seconds, before any model loads.
     train_records, eval_records, invalid = load_splits(cfg.data, "chat", purpose="sft", seed=cfg.train.seed)

@@ -6,7 +6,7 @@
 
 Meng et al. 2024, https://arxiv.org/abs/2405.14734, eq. 6, with r(y) = β/|y| · log π(y|x):
     L = -log σ(r(chosen) - r(rejected) - γ)          (+ sft_weight · NLL(chosen), the CPO-style term, optional)
-exactly `medgpt.losses.simpo_loss`. --simpo.gamma is the ABSOLUTE margin γ of the paper (as TRL's
+exactly `medgpt.train.losses.simpo_loss`. --simpo.gamma is the ABSOLUTE margin γ of the paper (as TRL's
 `simpo_gamma`); the SimPO repo's `gamma_beta_ratio` r corresponds to γ = r · β (the paper's settings use
 β 2-10, γ/β 0.3-0.8). SimPO has no SFT term by default, so start from an SFT model.
 
@@ -50,7 +50,7 @@ class Config:
 
 def simpo_objective(chosen_logps_avg, rejected_logps_avg, chosen_nll, *, args: SimPOArgs):
     """`losses.simpo_loss` plus `sft_weight` times the mean chosen NLL (also logged as `nll`)."""
-    from medgpt.losses import simpo_loss
+    from medgpt.train.losses import simpo_loss
 
     loss, metrics = simpo_loss(chosen_logps_avg, rejected_logps_avg, beta=args.beta, gamma=args.gamma,
                                label_smoothing=args.label_smoothing, loss_type=args.loss_type)
@@ -73,17 +73,17 @@ def run(cfg: Config) -> int:
     """Simple preference optimization on preference pairs."""
     from functools import partial
 
-    from medgpt import run as R
     from medgpt.data.templates import apply_template, get_template_for
     from medgpt.data.validate import load_splits
     from medgpt.model.load import load_model, load_tokenizer
+    from medgpt.train import run as R
 
     check_args(cfg.simpo)
     # Data first: a bad file fails in seconds, before any model loads.
     train_records, eval_records, invalid = load_splits(cfg.data, "preference", purpose="simpo", seed=cfg.train.seed)
     from transformers import TrainingArguments
 
-    from medgpt.preference import PreferenceCollator, PreferenceTrainer, preference_dataset
+    from medgpt.train.preference import PreferenceCollator, PreferenceTrainer, preference_dataset
 
     out = R.start(cfg)
     tokenizer = load_tokenizer(cfg.model)

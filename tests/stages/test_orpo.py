@@ -39,7 +39,7 @@ def fit_margin(model_dir, tokenizer_dir, tmp_path, loss_fn, steps=20):
     """eval rewards/margins on 4 fixed pairs before and after `steps` full fine-tuning steps on them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-    from medgpt.preference import PreferenceCollator, PreferenceTrainer, preference_dataset
+    from medgpt.train.preference import PreferenceCollator, PreferenceTrainer, preference_dataset
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     records = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
@@ -57,7 +57,7 @@ def fit_margin(model_dir, tokenizer_dir, tmp_path, loss_fn, steps=20):
 
 
 def test_orpo_raises_the_margin(tiny_llama, tokenizer_dir, tmp_path):
-    from medgpt.losses import orpo_loss
+    from medgpt.train.losses import orpo_loss
 
     before, after = fit_margin(tiny_llama, tokenizer_dir, tmp_path / "orpo", partial(orpo_loss, beta=1.0))
     assert after["eval_loss"] < before["eval_loss"]

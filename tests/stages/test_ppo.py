@@ -1,7 +1,7 @@
 """ppo: 2 steps on the tiny model (full, LoRA, LoRA on an SFT adapter), a learning check on a toy reward, resume
 after a kill mid-save, and clear refusals.
 
-The loop is our own (medgpt/ppo_trainer.py), not a transformers.Trainer, so `ppo_tracked` below snapshots the
+The loop is our own (medgpt/train/ppo.py), not a transformers.Trainer, so `ppo_tracked` below snapshots the
 trainable parameters of the policy and the value model around `PPOTrainer.train` the way stagekit's `tracked`
 does around `Trainer.train`. Every rollout samples at temperature 1.0 from a random tiny policy, so scores and
 advantages differ within each batch and every parameter gets a gradient; runs are seeded, hence deterministic.
@@ -25,7 +25,7 @@ PROMPTS = FIXTURES / "prompt.jsonl"
 @pytest.fixture()
 def ppo_tracked(monkeypatch):
     """Trainable parameters of policy and value model before and after PPOTrainer.train, and the trainer."""
-    from medgpt.ppo_trainer import PPOTrainer
+    from medgpt.train.ppo import PPOTrainer
 
     snaps: dict = {}
     original = PPOTrainer.train
@@ -108,7 +108,7 @@ def _ascii_letters(prompts, completions, **kwargs) -> list[float]:
 @pytest.mark.slow  # 30 PPO steps of 8 prompts: a few seconds on 2 cores
 @pytest.mark.parametrize("seed", [42, 1, 2])
 def test_ppo_learns_a_toy_reward(seed, tiny_llama, tmp_path, monkeypatch):
-    from medgpt import rewards
+    from medgpt.train import rewards
 
     monkeypatch.setitem(rewards.RULES, "ascii_letters", _ascii_letters)
     data = tmp_path / "prompts.jsonl"

@@ -16,7 +16,7 @@ import pytest
 from stagekit import DEMO, FIXTURES, QUICK, assert_all_changed, assert_artifacts, run_stage
 
 from medgpt.cli import main
-from medgpt.run import COMPLETE
+from medgpt.train.run import COMPLETE
 
 # ~51k parameters with the 1,024-token test tokenizer (a tied 32k embedding + two blocks of ~9k).
 ARCH = ["--model.init", "llama", "--arch.hidden_size", 32, "--arch.num_layers", 2, "--arch.num_heads", 4,

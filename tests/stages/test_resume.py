@@ -21,7 +21,7 @@ import pytest
 from stagekit import FIXTURES, run_stage
 
 from medgpt.outdir import claim
-from medgpt.run import COMPLETE
+from medgpt.train.run import COMPLETE
 
 DATA = f"{FIXTURES}/sharegpt.jsonl,{FIXTURES}/alpaca.json,{FIXTURES}/openai.jsonl"
 ROOT = Path(__file__).resolve().parents[2]

@@ -29,7 +29,7 @@ def test_simpo_trains_and_saves(ft, tiny_llama, tmp_path, tracked):
 
 def test_objective_adds_weighted_nll():
     chosen, rejected = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
-    from medgpt.losses import simpo_loss
+    from medgpt.train.losses import simpo_loss
 
     plain, metrics = simpo_objective(chosen, rejected, -chosen, args=SimPOArgs())
     want, _ = simpo_loss(chosen, rejected, beta=2.0, gamma=0.5)

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medgpt import losses as L
 from medgpt.outdir import claim
-from medgpt.run import COMPLETE, completed_checkpoints, final_save, plot_loss
+from medgpt.train import losses as L
+from medgpt.train.run import COMPLETE, completed_checkpoints, final_save, plot_loss
 from medgpt.utils import MedGPTError, atomic_write, is_main_process, log, write_json
 
 
@@ -279,7 +279,7 @@ class PPOTrainer:
 
     def save_checkpoint(self) -> None:
         """checkpoint-N: models, optimizer, scheduler, RNG, step and history; `.complete` is written last, so a
-        run killed mid-save leaves a checkpoint that --resume skips (medgpt.run.resume_checkpoint)."""
+        run killed mid-save leaves a checkpoint that --resume skips (medgpt.train.run.resume_checkpoint)."""
         if not is_main_process():
             return
         ckpt = self.out / f"checkpoint-{self.step}"

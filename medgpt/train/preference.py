@@ -1,5 +1,5 @@
 """Shared pieces of the reference-free preference stages (`medgpt orpo`, `medgpt simpo`): pair tokenization, the
-collator and a small `transformers.Trainer` whose loss is an injected pure function from `medgpt.losses`.
+collator and a small `transformers.Trainer` whose loss is an injected pure function from `medgpt.train.losses`.
 
     preference_dataset(records, template, tokenizer, max_length)  -> Dataset(chosen_/rejected_ input_ids, labels)
     PreferenceCollator(pad_id)                                     -> batch of 2B rows: chosen rows, then rejected
@@ -24,7 +24,7 @@ from transformers import Trainer
 
 from medgpt.data.prepare import fit_prompt
 from medgpt.data.templates import IGNORE_INDEX, encode, encode_prompt
-from medgpt.losses import sequence_logps
+from medgpt.train.losses import sequence_logps
 from medgpt.utils import MedGPTError, log
 
 # ------------------------------------------------------------------------------------------------ tokenization
