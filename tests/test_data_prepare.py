@@ -54,3 +54,21 @@ def test_packed_logits_equal_separate_logits(tiny_llama):
         # and the isolation really comes from the position ids: with a KV cache transformers ignores them
         leaky = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True).logits
         assert not torch.allclose(leaky[0, 5:8], model(input_ids=torch.tensor([b])).logits[0], atol=1e-4)
+
+
+def test_fit_records_counts_shortened_and_dropped_then_refuses_nothing(capsys):
+    """The one drop policy of every stage: rows kept in order, shortened and dropped counted in the log, an error
+    (not an empty dataset) when nothing fits."""
+    import pytest
+
+    from medgpt.data.prepare import fit_records
+    from medgpt.utils import MedGPTError
+
+    fits = {1: ({"n": 1}, False), 2: ({"n": 2}, True), 3: (None, False), 4: ({"n": 4}, True)}
+    rows = fit_records([1, 2, 3, 4], fits.get, what="train", unit="pairs", limits="--train.max_length 64")
+    assert rows == [{"n": 1}, {"n": 2}, {"n": 4}]
+    out = capsys.readouterr().out
+    assert "train: 2 pairs lost their oldest prompt turns to fit --train.max_length 64" in out
+    assert "train: dropped 1 of 4 pairs that do not fit --train.max_length 64" in out
+    with pytest.raises(MedGPTError, match="eval: none of the 2 pairs fits --train.max_length 64. Raise it."):
+        fit_records([3, 3], fits.get, what="eval", unit="pairs", limits="--train.max_length 64")

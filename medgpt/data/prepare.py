@@ -42,25 +42,53 @@ def _within(messages: list[dict], limit: int) -> list[dict]:
     return messages[:end]
 
 
+def fit_records(records: list, fit, *, what: str, unit: str, limits: str) -> list[dict]:
+    """The rule every stage applies to records that may not fit its length limits, in one place.
+
+    `fit(record)` returns (row, shortened): the encoded row, or None when the record cannot fit even after its
+    prompt lost its oldest turns; shortened when it lost some. Shortened and dropped records are counted in the
+    log (`unit`: "conversations", "pairs", ...; `limits`: the flags that set the limits), and no record fitting
+    at all is an error. Returns the rows."""
+    rows, dropped, shortened = [], 0, 0
+    for rec in records:
+        row, short = fit(rec)
+        if row is None:
+            dropped += 1
+            continue
+        rows.append(row)
+        shortened += bool(short)
+    if shortened:
+        log(f"{what}: {shortened} {unit} lost their oldest prompt turns to fit {limits}")
+    if dropped:
+        log(f"{what}: dropped {dropped} of {len(records)} {unit} that do not fit {limits} even with their prompt "
+            f"cut to its last turn (raise it to keep them)")
+    if not rows:
+        raise MedGPTError(f"{what}: none of the {len(records)} {unit} fits {limits}. Raise it.")
+    return rows
+
+
+def fit_pair(record: dict, template, tokenizer, max_length: int | None, max_prompt_length: int | None = None,
+             replies: tuple[str, ...] = ("chosen", "rejected")) -> tuple[list[dict] | None, bool]:
+    """(prompt, shortened): a preference (or KTO) record's prompt fitted to the limits with each of its replies
+    (`fit_prompt`), or (None, False). The one pair rule of rm, dpo, orpo, simpo and kto."""
+    prompt = fit_prompt(record["prompt"], [record[r] for r in replies], template, tokenizer, max_length,
+                        max_prompt_length)
+    return prompt, prompt is not None and len(prompt) < len(record["prompt"])
+
+
 def chat_dataset(records: list[dict], template, tokenizer, max_length: int, what: str = "train"):
     """Records with `messages` -> Dataset(input_ids, labels); conversations too long to keep one whole
     exchange are dropped and counted (they would train nothing)."""
     from datasets import Dataset
 
-    rows, dropped, limit = [], 0, char_limit(tokenizer, max_length)
-    for rec in records:
+    limit = char_limit(tokenizer, max_length)
+
+    def fit(rec):
         messages = _within(rec["messages"], limit)
         enc = encode(messages, template, tokenizer, max_length=max_length) if messages else None
-        if enc is None:
-            dropped += 1
-            continue
-        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
-    if dropped:
-        log(f"{what}: dropped {dropped} of {len(records)} conversations whose first exchange is longer than "
-            f"--train.max_length {max_length} (raise it to keep them)")
-    if not rows:
-        raise MedGPTError(f"{what}: no conversation fits in --train.max_length {max_length} tokens. "
-                          f"Raise --train.max_length.")
+        return ({"input_ids": enc.input_ids, "labels": enc.labels} if enc is not None else None), False
+
+    rows = fit_records(records, fit, what=what, unit="conversations", limits=f"--train.max_length {max_length}")
     n_trained = sum(sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in rows)
     n_total = sum(len(r["input_ids"]) for r in rows)
     log(f"{what}: {len(rows)} conversations, {n_total:,} tokens, {n_trained:,} trained ({n_trained / n_total:.0%})")
@@ -127,20 +155,16 @@ def prompt_dataset(records: list[dict], template, tokenizer, max_prompt_length: 
     from datasets import Dataset
 
     keep_answer = any("answer" in r for r in records)
-    rows, dropped, shortened = [], 0, 0
-    for rec in records:
+
+    def fit(rec):
         prompt = fit_prompt(rec["prompt"], [], template, tokenizer, None, max_prompt_length)
         if prompt is None:
-            dropped += 1
-            continue
-        shortened += len(prompt) < len(rec["prompt"])
-        rows.append({"prompt": prompt, **({"answer": rec.get("answer")} if keep_answer else {})})
-    if dropped or shortened:
-        log(f"{what}: {shortened} prompts shortened (oldest turns) and {dropped} dropped to fit in "
-            f"{max_prompt_length} tokens (--train.max_length minus the completion length)")
-    if not rows:
-        raise MedGPTError(f"{what}: no prompt fits in {max_prompt_length} tokens (--train.max_length minus the "
-                          f"completion length). Raise --train.max_length.")
+            return None, False
+        return {"prompt": prompt, **({"answer": rec.get("answer")} if keep_answer else {})}, \
+            len(prompt) < len(rec["prompt"])
+
+    rows = fit_records(records, fit, what=what, unit="prompts", limits=f"{max_prompt_length} tokens "
+                       f"(--train.max_length minus the completion length)")
     log(f"{what}: {len(rows)} prompts" + (f", {sum(r['answer'] is not None for r in rows)} with a reference answer"
                                           if keep_answer else ""))
     return Dataset.from_list(rows)

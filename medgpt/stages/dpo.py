@@ -99,28 +99,22 @@ def pairs_dataset(records: list[dict], template, tokenizer, max_length: int, max
     """Preference records -> Dataset(prompt, chosen, rejected) of messages whose prompt fits (see fit_prompt)."""
     from datasets import Dataset
 
-    from medgpt.data.prepare import fit_prompt
+    from medgpt.data.prepare import fit_pair, fit_records
 
-    rows, shortened = [], 0
     for i, rec in enumerate(records, 1):
         if len(rec["chosen"]) != 1 or len(rec["rejected"]) != 1:
             raise MedGPTError(f"{what} pair {i}: chosen and rejected must each be one assistant reply, got "
                               f"{len(rec['chosen'])} and {len(rec['rejected'])} messages. Put earlier turns "
                               f"in the prompt.")
-        prompt = fit_prompt(rec["prompt"], [rec["chosen"], rec["rejected"]], template, tokenizer, max_length,
-                            max_prompt_length)
-        if prompt is not None:
-            shortened += len(prompt) < len(rec["prompt"])
-            rows.append({"prompt": prompt, "chosen": rec["chosen"], "rejected": rec["rejected"]})
+
+    def fit(rec):
+        prompt, shortened = fit_pair(rec, template, tokenizer, max_length, max_prompt_length)
+        row = {"prompt": prompt, "chosen": rec["chosen"], "rejected": rec["rejected"]} if prompt is not None else None
+        return row, shortened
+
     limits = f"--train.max_length {max_length}" + (f" / --dpo.max_prompt_length {max_prompt_length}"
                                                    if max_prompt_length else "")
-    if shortened:
-        log(f"{what}: {shortened} pairs lost their oldest prompt turns to fit {limits}")
-    if len(rows) < len(records):
-        log(f"{what}: dropped {len(records) - len(rows)} of {len(records)} pairs whose last user turn plus reply "
-            f"does not fit {limits} (raise it to keep them)")
-    if not rows:
-        raise MedGPTError(f"{what}: no preference pair fits {limits}. Raise the limit.")
+    rows = fit_records(records, fit, what=what, unit="pairs", limits=limits)
     log(f"{what}: {len(rows)} preference pairs")
     return Dataset.from_list(rows)
 

@@ -175,23 +175,15 @@ def examples_dataset(examples: list[dict], template, tokenizer, max_length: int,
     """KTO examples -> Dataset(prompt, completion, label) whose prompts fit (see fit_prompt)."""
     from datasets import Dataset
 
-    from medgpt.data.prepare import fit_prompt
+    from medgpt.data.prepare import fit_pair, fit_records
 
-    rows, shortened = [], 0
-    for ex in examples:
-        prompt = fit_prompt(ex["prompt"], [ex["completion"]], template, tokenizer, max_length, max_prompt_length)
-        if prompt is not None:
-            shortened += len(prompt) < len(ex["prompt"])
-            rows.append({**ex, "prompt": prompt})
+    def fit(ex):
+        prompt, shortened = fit_pair(ex, template, tokenizer, max_length, max_prompt_length, ("completion",))
+        return ({**ex, "prompt": prompt} if prompt is not None else None), shortened
+
     limits = f"--train.max_length {max_length}" + (f" / --kto.max_prompt_length {max_prompt_length}"
                                                    if max_prompt_length else "")
-    if shortened:
-        log(f"{what}: {shortened} examples lost their oldest prompt turns to fit {limits}")
-    if len(rows) < len(examples):
-        log(f"{what}: dropped {len(examples) - len(rows)} of {len(examples)} examples whose last user turn plus "
-            f"answer does not fit {limits} (raise it to keep them)")
-    if not rows:
-        raise MedGPTError(f"{what}: no example fits {limits}. Raise the limit.")
+    rows = fit_records(examples, fit, what=what, unit="examples", limits=limits)
     n_good = sum(r["label"] for r in rows)
     log(f"{what}: {len(rows)} examples, {n_good} desirable, {len(rows) - n_good} undesirable")
     return Dataset.from_list(rows)

@@ -29,7 +29,7 @@ from typing import Optional
 
 from medgpt.args import DataArgs, FinetuneArgs, ModelArgs, TrainArgs
 from medgpt.config import arg, section
-from medgpt.utils import MedGPTError, log
+from medgpt.utils import log
 
 
 @dataclass
@@ -74,26 +74,18 @@ def pairs_dataset(records: list[dict], template, tokenizer, max_length: int, wha
     reward is read at their end-of-turn token); a pair that still does not fit is dropped and counted."""
     from datasets import Dataset
 
-    from medgpt.data.prepare import fit_prompt
+    from medgpt.data.prepare import fit_pair, fit_records
 
-    rows, dropped, shortened = [], 0, 0
-    for rec in records:
-        prompt = fit_prompt(rec["prompt"], [rec["chosen"], rec["rejected"]], template, tokenizer, max_length)
-        chosen = rejected = None
-        if prompt is not None:
-            chosen = scored_ids(prompt + rec["chosen"], template, tokenizer)
-            rejected = scored_ids(prompt + rec["rejected"], template, tokenizer)
-        if chosen is None or rejected is None:
-            dropped += 1
-            continue
-        shortened += len(prompt) < len(rec["prompt"])
-        rows.append({"chosen_ids": chosen, "rejected_ids": rejected})
-    if dropped or shortened:
-        log(f"{what}: {shortened} prompts shortened (oldest turns) and {dropped} pairs dropped to fit in "
-            f"--train.max_length {max_length} (raise it to keep them whole)")
-    if not rows:
-        raise MedGPTError(f"{what}: no preference pair fits in --train.max_length {max_length} tokens. "
-                          f"Raise --train.max_length.")
+    def fit(rec):
+        prompt, shortened = fit_pair(rec, template, tokenizer, max_length)
+        if prompt is None:
+            return None, False
+        chosen = scored_ids(prompt + rec["chosen"], template, tokenizer)
+        rejected = scored_ids(prompt + rec["rejected"], template, tokenizer)
+        ok = chosen is not None and rejected is not None
+        return ({"chosen_ids": chosen, "rejected_ids": rejected} if ok else None), shortened
+
+    rows = fit_records(records, fit, what=what, unit="pairs", limits=f"--train.max_length {max_length}")
     n_tokens = sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
     log(f"{what}: {len(rows)} pairs, {n_tokens:,} tokens")
     return Dataset.from_list(rows)

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from transformers import Trainer
 
-from medgpt.data.prepare import fit_prompt
+from medgpt.data.prepare import fit_pair, fit_records
 from medgpt.data.templates import IGNORE_INDEX, encode, encode_prompt
 from medgpt.train.losses import sequence_logps
 from medgpt.utils import MedGPTError, log
@@ -68,7 +68,7 @@ def encode_pair(record: dict, template, tokenizer, max_length: int) -> tuple[dic
     """(row, shortened): the tokenized pair, or None if it cannot fit; shortened if prompt turns were dropped.
 
     Too long: the prompt loses its oldest exchanges first (`fit_prompt`, the rule every preference stage uses)."""
-    prompt = fit_prompt(record["prompt"], [record["chosen"], record["rejected"]], template, tokenizer, max_length)
+    prompt, shortened = fit_pair(record, template, tokenizer, max_length)
     if prompt is None:
         return None, False
     chosen = encode_response(prompt, record["chosen"], template, tokenizer)
@@ -76,29 +76,15 @@ def encode_pair(record: dict, template, tokenizer, max_length: int) -> tuple[dic
     if chosen is None or rejected is None:
         return None, False  # a reply with nothing to train (cannot happen with a well-formed record)
     return {"chosen_input_ids": chosen[0], "chosen_labels": chosen[1],
-            "rejected_input_ids": rejected[0], "rejected_labels": rejected[1]}, len(prompt) < len(record["prompt"])
+            "rejected_input_ids": rejected[0], "rejected_labels": rejected[1]}, shortened
 
 
 def preference_dataset(records: list[dict], template, tokenizer, max_length: int, what: str = "train"):
     """Preference records -> Dataset(chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels)."""
     from datasets import Dataset
 
-    rows, dropped, shortened = [], 0, 0
-    for rec in records:
-        row, short = encode_pair(rec, template, tokenizer, max_length)
-        if row is None:
-            dropped += 1
-            continue
-        rows.append(row)
-        shortened += short
-    if shortened:
-        log(f"{what}: {shortened} pairs lost their oldest prompt turns to fit --train.max_length {max_length}")
-    if dropped:
-        log(f"{what}: dropped {dropped} of {len(records)} pairs whose last prompt turn plus reply is longer than "
-            f"--train.max_length {max_length} (raise it to keep them)")
-    if not rows:
-        raise MedGPTError(f"{what}: no preference pair fits in --train.max_length {max_length} tokens. "
-                          f"Raise --train.max_length.")
+    rows = fit_records(records, lambda rec: encode_pair(rec, template, tokenizer, max_length), what=what,
+                       unit="pairs", limits=f"--train.max_length {max_length}")
     n_tokens = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
     log(f"{what}: {len(rows)} preference pairs, {n_tokens:,} tokens (chosen + rejected)")
     return Dataset.from_list(rows)
