@@ -277,3 +277,12 @@ def test_deep_nesting_is_a_record_error_not_a_recursion_error(tmp_path):
     (tmp_path / "d.json").write_text(f'[{{"text": "a"}},\n {deep}]')
     [(line, error)] = lines_of(tmp_path / "d.json")
     assert (line, error) == (2, NESTED)
+
+
+def test_listed_shows_ten_then_counts_the_rest():
+    from medgpt.data.readers import listed
+
+    assert listed(["a:1: x", "a:2: y"]) == "  a:1: x\n  a:2: y"
+    many = [f"f:{i}: bad" for i in range(1, 13)]
+    assert listed(many).splitlines()[-2:] == ["  f:10: bad", "  ... and 2 more"]
+    assert listed(many[:10], total=40).endswith("  f:10: bad\n  ... and 30 more")

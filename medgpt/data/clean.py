@@ -40,6 +40,7 @@ from pathlib import Path
 from medgpt.args import DataArgs
 from medgpt.config import arg, section
 from medgpt.data.minhash import contamination, eval_index, normalize, units
+from medgpt.data.readers import listed
 from medgpt.data.text import record_parts, record_text
 from medgpt.utils import MedGPTError, atomic_write
 
@@ -183,8 +184,7 @@ def _read(specs: list[str], d: DataArgs) -> list[tuple[str, str, list[tuple[int,
     errors = [p for r in reports for p in r.problems if p.level == "error"]
     if errors:
         total = sum(r.n_errors for r in reports)
-        shown = "\n".join(f"  {p}" for p in errors[:10])
-        raise MedGPTError(f"the data has {total} error(s):\n{shown}\nFix them (nothing was written), or run "
+        raise MedGPTError(f"the data has {total} error(s):\n{listed(errors, total)}\nFix them (nothing was written), or run "
                           f"`medgpt data validate {' '.join(specs)}` to list them all.")
     out = []
     for r in reports:

@@ -55,6 +55,17 @@ class DecodeError(MedGPTError):
 
 # ----------------------------------------------------------------------------- paths
 
+SHOWN = 10  # problems listed in one message; the rest are counted
+
+
+def listed(problems: list, total: int | None = None) -> str:
+    """The first SHOWN problems, one per indented line, then "... and N more" when there are more (`total`: the
+    full count when `problems` holds only the first ones)."""
+    total = len(problems) if total is None else total
+    lines = "\n".join(f"  {p}" for p in problems[:SHOWN])
+    return lines + (f"\n  ... and {total - SHOWN} more" if total > SHOWN else "")
+
+
 def is_saved_dataset(path: str | os.PathLike) -> bool:
     """A directory written by `datasets.save_to_disk` (read whole, never recursed into)."""
     return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, m)) for m in SAVED_DATASET_MARKERS)
@@ -498,8 +509,7 @@ def read_parsed(path: str, parse, what: str, shape: str, max_samples: int | None
                 raw.error = str(e)
         problems.append(f"{path}:{raw.line}: {raw.error}")
     if problems:
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise MedGPTError(f"{len(problems)} bad {what}(s):\n  " + "\n  ".join(problems[:10]) + more + f"\n{shape}")
+        raise MedGPTError(f"{len(problems)} bad {what}(s):\n{listed(problems)}\n{shape}")
     if not items:
         raise MedGPTError(f"{path}: no {what}s in the file.")
     return items

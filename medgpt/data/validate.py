@@ -32,7 +32,7 @@ from medgpt.data.formats import (
     kind_of,
     to_canonical,
 )
-from medgpt.data.readers import expand_paths, iter_raw
+from medgpt.data.readers import expand_paths, iter_raw, listed
 from medgpt.utils import MedGPTError, log
 
 SNIFF = 20  # valid records looked at to decide a file's format
@@ -211,9 +211,7 @@ def validate_files(specs: list[str], format: str = "auto", columns: dict[str, st
 def _fail(specs: list[str], reports: list[FileReport]) -> MedGPTError:
     errors = [p for r in reports for p in r.problems if p.level == "error"]
     total = sum(r.n_errors for r in reports)
-    lines = "\n".join(f"  {p}" for p in errors[:10])
-    more = f"\n  ... and {total - 10} more" if total > 10 else ""
-    return MedGPTError(f"the data has {total} error{'s' if total != 1 else ''}:\n{lines}{more}\n"
+    return MedGPTError(f"the data has {total} error{'s' if total != 1 else ''}:\n{listed(errors, total)}\n"
                        f"Fix them, or run `medgpt data validate {' '.join(specs)}` to see them all.")
 
 
@@ -258,17 +256,16 @@ def tolerate(problems: list, n_invalid: int, n_records: int, max_invalid: float,
     `max_invalid` of `n_records`: a file that is mostly broken is the wrong file, not a few bad lines."""
     if not n_invalid:
         return
-    listed = "\n".join(f"  {p}" for p in problems[:10])
-    listed += f"\n  ... and {n_invalid - 10} more" if n_invalid > 10 else ""
+    shown = listed(problems, n_invalid)
     share = n_invalid / max(n_records, 1)
     if share > max_invalid:
         raise MedGPTError(
             f"{_plural(n_invalid, 'invalid record')} of {n_records} read ({share:.1%}), more than --data.max_invalid "
-            f"{max_invalid:g} ({max_invalid:.0%}) allows:\n{listed}\nFix them (`medgpt data validate "
+            f"{max_invalid:g} ({max_invalid:.0%}) allows:\n{shown}\nFix them (`medgpt data validate "
             f"{' '.join(specs)}` lists them all), or raise --data.max_invalid to {math.ceil(round(share * 100, 6)) / 100:g} "
             f"to train on the valid records only.{f' {hint}' if hint else ''}")
     log(f"data: skipped {_plural(n_invalid, 'invalid record')} of {n_records} read ({share:.1%}; "
-        f"--data.max_invalid {max_invalid:g} allows {max_invalid:.0%}):\n{listed}")
+        f"--data.max_invalid {max_invalid:g} allows {max_invalid:.0%}):\n{shown}")
 
 
 def iter_canonical(specs: list[str], kind: str | None = None, *, format: str = "auto",

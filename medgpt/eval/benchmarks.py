@@ -30,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from medgpt.data.formats import LETTERS, RecordError, record_kind, to_canonical
-from medgpt.data.readers import iter_raw
+from medgpt.data.readers import iter_raw, listed
 from medgpt.utils import MedGPTError
 
 SHAPES = ("auto", "canonical", "medqa", "medmcqa", "pubmedqa", "cmexam", "cmb", "ceval")
@@ -257,9 +257,7 @@ def read_mcq_file(path: str, shape: str = "auto", medmcqa_cop: str = "auto", max
                 error = str(e)
         problems.append(f"{path}:{line}: {error}")
     if problems:
-        shown = "\n  ".join(problems[:10])
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise MedGPTError(f"{len(problems)} bad multiple-choice record(s) (read as {shape}):\n  {shown}{more}\n"
+        raise MedGPTError(f"{len(problems)} bad multiple-choice record(s) (read as {shape}):\n{listed(problems)}\n"
                           f"Fix them, or set --eval.mcq_format to the file's real shape ({', '.join(SHAPES[1:])}).")
     if not out.records:
         why = ", ".join(f"{n} skipped: {r}" for r, n in out.skipped.items())
