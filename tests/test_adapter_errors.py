@@ -83,15 +83,32 @@ def test_full_finetune_merges_the_adapter_and_trains_every_weight(tiny_llama, lo
         assert torch.allclose(net(ids).logits, want(ids).logits, atol=1e-5), "the merge lost the adapter"
 
 
-def test_full_finetune_with_adapter_runs_through_sft(tiny_llama, lora_dir, tmp_path, capsys):
+STAGES = {"sft": DEMO / "sft_alpaca.json", "dpo": DEMO / "preference.jsonl", "kto": DEMO / "preference.jsonl",
+          "orpo": DEMO / "preference.jsonl", "simpo": DEMO / "preference.jsonl", "pt": DEMO / "pretrain_en.txt"}
+
+
+@pytest.mark.parametrize("ft", ["full", "lora"])
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_adapter_rule_is_the_same_in_every_stage(stage, ft, tiny_llama, lora_dir, tmp_path, capsys):
+    """--model.adapter: LoRA keeps training that adapter (saved as an adapter, its weights moved); full
+    fine-tuning folds it in, trains every weight and saves a plain model. Decided once, in model/load.py."""
+    from safetensors.torch import load_file
+
     out = tmp_path / "out"
-    code = main([str(a) for a in ["sft", "--model.name_or_path", tiny_llama, "--model.adapter", lora_dir,
-                                  "--finetune.type", "full", "--data.train_files", DEMO / "sft_alpaca.json",
-                                  "--template", "chatml", "--output_dir", out, *QUICK]])
+    code = main([str(a) for a in [stage, "--model.name_or_path", tiny_llama, "--model.adapter", lora_dir,
+                                  "--finetune.type", ft, "--data.train_files", STAGES[stage],
+                                  *(["--template", "chatml"] if stage != "pt" else []), "--output_dir", out, *QUICK,
+                                  *(["--train.learning_rate", "0.01"] if ft == "lora" else [])]])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert f"merged {lora_dir} into the base" in captured.out  # the rule is logged
-    assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    if ft == "full":
+        assert f"merged {lora_dir} into the base" in captured.out  # the rule is logged
+        assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    else:
+        before = load_file(lora_dir / "adapter_model.safetensors")
+        after = load_file(out / "adapter_model.safetensors")
+        assert set(before) <= set(after), "the loaded adapter's modules must be the ones that keep training"
+        assert any(not (after[k] == before[k]).all() for k in before), "the loaded adapter did not train"
 
 
 def test_adapter_of_another_base_is_a_clear_error(tiny_llama, lora_dir, tmp_path):

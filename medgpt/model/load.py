@@ -176,6 +176,15 @@ def load_model(model: ModelArgs, finetune=None, task: str = "causal_lm", num_lab
     return net
 
 
+def load_reference(model: ModelArgs):
+    """A frozen reference for full fine-tuning (dpo, kto): the starting model as plain weights, --model.adapter
+    folded in (the SFT model), never a PEFT wrapper (trainers call its backbone and head directly)."""
+    from medgpt.args import FinetuneArgs
+
+    net = load_model(model, FinetuneArgs(type="full")) if model.adapter else load_model(model)
+    return net.requires_grad_(False).eval()
+
+
 def _load_adapter(net, model: ModelArgs, finetune):
     """Base + adapter. LoRA/QLoRA keep training the adapter; inference (no `finetune`) keeps it frozen.
 

@@ -128,7 +128,7 @@ def run(cfg: Config) -> int:
     """Direct preference optimization on preference pairs (TRL DPOTrainer)."""
     from medgpt.data.templates import apply_template, get_template_for
     from medgpt.data.validate import load_splits
-    from medgpt.model.load import load_model, load_tokenizer
+    from medgpt.model.load import load_model, load_reference, load_tokenizer
     from medgpt.train import run as R
 
     loss_types, loss_weights = losses(cfg.dpo)
@@ -149,7 +149,7 @@ def run(cfg: Config) -> int:
     R.log_parameters(model)
     ref_model = None
     if cfg.finetune.type == "full" and not cfg.dpo.precompute_ref_log_probs:
-        ref_model = load_model(cfg.model).requires_grad_(False).eval()  # π_ref: the untouched starting point
+        ref_model = load_reference(cfg.model)  # π_ref: the untouched starting point
     log(f"reference model: {_describe_reference(cfg)}")
 
     args = DPOConfig(
@@ -179,4 +179,5 @@ def _describe_reference(cfg: Config) -> str:
                 else "the base model (the new adapter starts at zero)")
     if cfg.dpo.precompute_ref_log_probs:
         return "the starting model, its log-probs computed once before training"
-    return f"a frozen copy of {cfg.model.name_or_path}"
+    return f"a frozen copy of {cfg.model.name_or_path}" + (f" with {cfg.model.adapter} merged in" if cfg.model.adapter
+                                                           else "")

@@ -225,7 +225,7 @@ def _weights(k: KTOArgs, labels: list[bool]) -> tuple[float, float]:
 def run(cfg: Config) -> int:
     """KTO on desirable/undesirable examples (TRL KTOTrainer)."""
     from medgpt.data.templates import apply_template, get_template_for
-    from medgpt.model.load import load_model, load_tokenizer
+    from medgpt.model.load import load_model, load_reference, load_tokenizer
     from medgpt.train import run as R
 
     if cfg.kto.loss_type == "kto" and cfg.train.batch_size < 2:
@@ -249,7 +249,7 @@ def run(cfg: Config) -> int:
     R.log_parameters(model)
     ref_model = None
     if cfg.finetune.type == "full" and not cfg.kto.precompute_ref_log_probs:
-        ref_model = load_model(cfg.model).requires_grad_(False).eval()  # π_ref: the untouched starting point
+        ref_model = load_reference(cfg.model)  # π_ref: the untouched starting point
 
     args = KTOConfig(
         **R.trainer_kwargs(cfg.train, out, has_eval=eval_ds is not None),
