@@ -31,12 +31,14 @@ _NONE = {"none", "null", "~", ""}
 
 def arg(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None, min: float | None = None,
         max: float | None = None, above: float | None = None, below: float | None = None,
-        unbounded: bool = False) -> Any:
+        unbounded: bool = False, whole: bool = False) -> Any:
     """A config field with its documentation. Mutable defaults go through `factory`.
 
     A number states its valid range, checked wherever a value is read (YAML or flag): `min`/`max` inclusive,
     `above`/`below` exclusive, e.g. `arg(0.9, "...", above=0, max=1)`. A number with no natural range says
     `unbounded=True`, so that a forgotten range is caught by the tests rather than by a user's traceback.
+    A list of texts that may hold commas says `whole=True`: its bare command-line arguments are items as they are
+    (a list of paths splits them on commas).
     """
     meta: dict[str, Any] = {"help": help}
     bounds = {k: v for k, v in (("min", min), ("above", above), ("max", max), ("below", below)) if v is not None}
@@ -44,6 +46,8 @@ def arg(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = No
         meta["range"] = bounds
     if unbounded:
         meta["unbounded"] = True
+    if whole:
+        meta["whole"] = True
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -325,6 +329,7 @@ def parse_argv(cls: type, argv: list[str], positional: str | None = None):
     `positional` names the list field that bare (non-YAML) arguments fill, e.g. `data.train_files`.
     """
     types_by_key = {k: tp for k, _, tp in iter_fields(cls)}
+    whole = {k for k, f, _ in iter_fields(cls) if f.metadata.get("whole")}
     mapping_keys = {k for k, tp in types_by_key.items() if _is_mapping(tp)}
     values: dict[str, Any] = {}
     source: dict[str, str] = {}
@@ -358,6 +363,9 @@ def parse_argv(cls: type, argv: list[str], positional: str | None = None):
             for k, v in flatten(load_yaml(tok), mapping_keys).items():
                 values[k] = v
                 source[k] = f"in {tok}"
+        elif positional in whole:
+            prev = flags.get(positional)
+            flags[positional] = [*(prev if isinstance(prev, list) else [prev] if prev else []), tok]
         elif positional:
             prev = flags.get(positional)
             flags[positional] = f"{prev},{tok}" if prev else tok

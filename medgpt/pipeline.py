@@ -15,8 +15,9 @@ complete, else run it in this process (`medgpt.cli.main`) -> record it -> report
   meta.json, ...). Once a step runs, every step after it runs too: its inputs may have changed.
 - A step that is not complete starts over with --overwrite (only in dirs inside output_dir, or that the
   pipeline wrote), so a run interrupted mid-step is simply run again.
-- `command: sample` is the pipeline's own step: greedy answers to a few questions (samples.jsonl), shown in
-  report.md. It is small on purpose; `medgpt/infer/engine.py` replaces it when it exists.
+- `sample` steps (`medgpt sample`: greedy answers to a few questions, samples.jsonl) are shown in report.md with
+  their answers. A command module may define `check_settings(cfg)`: cheap checks of its settings, run here before any
+  step (e.g. a sample step without questions).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from medgpt.config import arg, build, flatten, iter_fields, load_yaml, parse_argv, to_dict
-from medgpt.eval.sample import SampleConfig, run_sample
 from medgpt.utils import MedGPTError, atomic_write, is_main_process, log, write_json
 
 MARKER = "pipeline_step.json"  # in a step's dir after it succeeded: its argv, resolved config, wall time
@@ -80,7 +80,7 @@ class Config:
 class Step:
     index: int
     name: str
-    command: str            # "sft", "tokenizer train", ... or "sample"
+    command: str            # "sft", "tokenizer train", "sample", ...
     argv: list[str]         # after the command words, without the --overwrite a rerun adds
     config: dict            # the resolved config: what "complete" is checked against
     out: Path
@@ -91,8 +91,6 @@ class Step:
     wall: Optional[float] = None
 
     def line(self, extra: tuple[str, ...] = ()) -> str:
-        if self.command == "sample":  # no standalone command yet: the pipeline runs it itself
-            return "(in the pipeline) " + shlex.join(["sample", *self.argv])
         return "medgpt " + shlex.join([*self.command.split(), *self.argv, *extra])
 
 
@@ -154,9 +152,8 @@ def _flag_value(value: Any, key: str, where: str) -> str:
     if isinstance(value, dict):
         return ",".join(f"{k}={v}" for k, v in value.items())
     if isinstance(value, (list, tuple)):
-        if any("," in str(v) for v in value):
-            raise MedGPTError(f"{where}: a value of '{key}' holds a comma, which cannot pass on the command line "
-                              f"(lists are comma-separated). Put '{key}' in the step's config YAML instead.")
+        if any("," in str(v) for v in value):  # lists are comma-separated: pass this one as JSON flow instead
+            return json.dumps(list(value), ensure_ascii=False)
         return ",".join(str(v) for v in value)
     return str(value)
 
@@ -164,7 +161,7 @@ def _flag_value(value: Any, key: str, where: str) -> str:
 def _commands() -> str:
     from medgpt.cli import COMMANDS
 
-    return ", ".join([n for n in COMMANDS if n != "pipeline"] + ["sample"])
+    return ", ".join(n for n in COMMANDS if n != "pipeline")
 
 
 def check_step(i: int, raw: Any, scope: dict) -> Step:
@@ -197,21 +194,6 @@ def check_step(i: int, raw: Any, scope: dict) -> Step:
         raise MedGPTError(f"{where}: config {config!r} must be a YAML file (.yaml); put single values in `args`.")
     default_out = str(Path(scope["output_dir"]) / name)
 
-    if command == "sample":
-        mapping = {k for k, _, tp in iter_fields(SampleConfig) if getattr(tp, "__origin__", None) is dict}
-        values = flatten(load_yaml(config), mapping) if config else {}
-        values.update(flatten(substitute(args, scope, f"{where}, args", refs), mapping))
-        values.setdefault("output_dir", default_out)
-        try:
-            parsed = build(SampleConfig, values, {k: f"in {where}" for k in values})
-        except MedGPTError as e:
-            raise MedGPTError(f"{where} (sample): {e}") from None
-        if not parsed.questions and not parsed.questions_file:
-            raise MedGPTError(f"{where} (sample): no questions. Add args `questions: [...]` or `questions_file`.")
-        shown = [x for k, v in values.items()
-                 for x in (f"--{k}", v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))]
-        return Step(i, name, command, shown, _jsonable(to_dict(parsed)), Path(parsed.output_dir), False, refs, parsed)
-
     found = resolve(command.split()) if command else None
     if found is None or found[2] or found[0] == "pipeline":
         raise MedGPTError(f"{where}: unknown command '{command}'. Valid commands: {_commands()}.")
@@ -228,6 +210,9 @@ def check_step(i: int, raw: Any, scope: dict) -> Step:
     step = Step(i, name, command, argv, {}, Path(default_out), "overwrite" in types_by_key, refs)
     try:
         step.parsed = parse_argv(cls, argv, positional=cmd.positional)  # pure parsing: no file or network access
+        check = getattr(importlib.import_module(cmd.module), "check_settings", None)
+        if callable(check):  # a command's own cheap checks of its settings (no model, no data read)
+            check(step.parsed)
     except MedGPTError as e:
         raise MedGPTError(f"{where} ({step.line()}): {e}") from None
     step.config = _jsonable(to_dict(step.parsed))
@@ -379,9 +364,7 @@ def _execute(step: Step, reason: str, total: int, root: Path, isolate: bool, ste
     (step.out / MARKER).unlink(missing_ok=True)  # a rerun that fails must not look complete afterwards
     start = time.perf_counter()
     try:
-        if step.command == "sample":
-            code = run_sample(step.parsed)
-        elif isolate:
+        if isolate:
             import subprocess
 
             code = subprocess.run([sys.executable, "-m", "medgpt.cli", *step.command.split(), *step.argv,
@@ -406,12 +389,12 @@ def _execute(step: Step, reason: str, total: int, root: Path, isolate: bool, ste
         step.status = "failed"
         write_report(root, steps, goals)
         why = f"exited with code {code}" if code else f"finished, but {step.out} has no {', '.join(missing)}"
-        alone = f"\n  {step.line(('--overwrite',))}" if step.command != "sample" else ""
+        alone = f"\n  {step.line(('--overwrite',) if step.overwritable else ())}"
         raise MedGPTError(
             f"pipeline step '{step.name}' ({step.index + 1} of {total}) {why}; the steps after it did not run. "
             f"Fix the problem reported above, then run the same `medgpt pipeline` command again: completed "
             f"steps are skipped and '{step.name}' starts over (add --only {step.name} to run just this step). "
-            f"Report: {root / REPORT}." + (f" The step's own command:{alone}" if alone else ""))
+            f"Report: {root / REPORT}. The step's own command:{alone}")
     step.status = "ran"
     if is_main_process():
         write_json(step.out / MARKER, {"name": step.name, "command": step.command, "argv": step.argv,

@@ -340,3 +340,20 @@ def test_sample_scores_answers_against_file_references(tmp_path, tiny_llama):
     # without references, the earlier score goes: it would describe other answers
     assert run_sample(parse_argv(SampleConfig, [*args, "--questions", "Hello?"])) == 0
     assert not (out / "metrics.json").exists()
+
+
+def test_sample_is_a_command_and_a_list_with_commas_passes_as_json(tiny_llama, tmp_path):
+    """`medgpt sample` runs on its own (the pipeline has no special case for it); a recipe's list whose items hold
+    commas reaches the command whole, as JSON flow."""
+    from medgpt.eval.sample import SampleConfig
+    from medgpt.pipeline import _flag_value
+
+    questions = ["Fever, cough and a sore throat: flu?", "What is BMI?"]
+    flag = _flag_value(questions, "questions", "step")
+    assert parse_argv(SampleConfig, ["--questions", flag]).questions == questions
+    out = tmp_path / "s"
+    assert main(["sample", questions[0], "--model.name_or_path", str(tiny_llama), "--template", "chatml",
+                 "--gen.max_new_tokens", "3", "--output_dir", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["question"] for r in rows] == [questions[0]]
+    assert main(["sample", "--model.name_or_path", str(tiny_llama), "--output_dir", str(tmp_path / "t")]) == 1

@@ -132,9 +132,6 @@ def _command_configs():
     for name, cmd in COMMANDS.items():
         cls = getattr(importlib.import_module(cmd.module), cmd.config)
         seen.setdefault(cls, name)
-    from medgpt.eval.sample import SampleConfig  # run by the pipeline, not a command of its own
-
-    seen.setdefault(SampleConfig, "sample")
     return seen
 
 

@@ -23,7 +23,8 @@ from medgpt.utils import MedGPTError, atomic_write, log, write_json
 @dataclass
 class SampleConfig:
     model: ModelArgs = section(ModelArgs, "The model to answer with (a merged model, or a base + adapter).")
-    questions: list[str] = arg(factory=list, help="Questions, each asked as a single user turn.")
+    questions: list[str] = arg(factory=list, help="Questions, each asked as a single user turn (on the command "
+                               "line: one argument each, commas and all).", whole=True)
     questions_file: Optional[str] = arg(None, "More questions: a .txt file (one per line) or any prompt, chat, "
                                         "preference or mcq data file (the prompt is asked).")
     max_questions: int = arg(8, "Ask at most this many questions from questions_file.", min=1)
@@ -34,6 +35,13 @@ class SampleConfig:
     output_dir: str = arg("", "Where samples.jsonl goes.")
 
 
+
+
+def check_settings(cfg: SampleConfig) -> None:
+    """Settings that cannot work, refused before a model loads (the pipeline runs this for every sample step)."""
+    if not cfg.questions and not cfg.questions_file:
+        raise MedGPTError("no questions. Give them as arguments (medgpt sample \"What is ...?\") or in "
+                          "--questions_file FILE.")
 
 
 def read_questions(cfg: SampleConfig) -> list[tuple[list[dict], Optional[str]]]:
@@ -62,6 +70,7 @@ def run_sample(cfg: SampleConfig) -> int:
     from medgpt.eval.rouge import rouge_l
     from medgpt.infer.engine import Engine
 
+    check_settings(cfg)
     questions = read_questions(cfg)
     engine = Engine.load(cfg.model, cfg.template)
     results = engine.generate([engine.prompt_ids(m) for m, _ in questions], cfg.gen)
