@@ -17,7 +17,7 @@ LAYERS = [
     ("stages and infer", ["stages", "infer"]),
     ("rag and eval", ["rag", "eval"]),
     ("serve", ["serve"]),
-    ("pipeline and cli", ["pipeline", "cli"]),
+    ("pipeline and cli", ["pipeline", "report", "cli"]),
 ]
 LAYER = {top: i for i, (_, tops) in enumerate(LAYERS) for top in tops}
 

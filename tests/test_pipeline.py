@@ -13,7 +13,8 @@ import yaml
 
 from medgpt.cli import main
 from medgpt.config import parse_argv
-from medgpt.pipeline import Config, check_goals, load
+from medgpt.pipeline import Config, load
+from medgpt.report import check_goals
 from medgpt.utils import MedGPTError
 
 ROOT = Path(__file__).resolve().parents[1]
