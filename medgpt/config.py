@@ -95,15 +95,13 @@ def _type_name(tp: Any) -> str:
 
 # ----------------------------------------------------------------------------- coercion
 
+def _invalid(value: Any, tp: Any, key: str, why: str = "") -> MedGPTError:
+    return MedGPTError(f"config key '{key}': {value!r} is not a valid {_type_name(tp)}{why}. "
+                       f"Fix the value in your YAML file or on the command line (--{key} VALUE).")
+
+
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML value or a flag string to `tp`, or raise a MedGPTError naming the key."""
-
-    def fail(why: str = "") -> typing.NoReturn:
-        raise MedGPTError(
-            f"config key '{key}': {value!r} is not a valid {_type_name(tp)}{why}. "
-            f"Fix the value in your YAML file or on the command line (--{key} VALUE)."
-        )
-
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -112,94 +110,122 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         try:
             value = yaml.safe_load(value)
         except yaml.YAMLError as e:
-            fail(f" (it looks like YAML flow syntax but does not parse: {str(e).splitlines()[0]})")
+            raise _invalid(value, tp, key, f" (it looks like YAML flow syntax but does not parse: "
+                                           f"{str(e).splitlines()[0]})") from None
     if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return coerce(value, a, key)
-            except MedGPTError:
-                pass
-        fail()
+        return _coerce_union(value, tp, key)
     if origin is Literal:
-        choices = get_args(tp)
-        for c in choices:
-            if value == c or (isinstance(value, str) and str(c) == value.strip()):
-                return c
-        raise MedGPTError(f"config key '{key}': {value!r} is not one of: {', '.join(map(str, choices))}. "
-                          f"Fix the value in your YAML file or on the command line (--{key} VALUE).")
+        return _coerce_literal(value, tp, key)
     if origin is list:
-        (item_tp,) = get_args(tp)
-        if value is None:
-            return []
-        if isinstance(value, str):
-            items = [v.strip() for v in value.split(",") if v.strip()]
-        elif isinstance(value, (list, tuple)):
-            items = list(value)
-        else:
-            items = [value]
-        return [coerce(v, item_tp, key) for v in items]
+        return _coerce_list(value, tp, key)
     if origin is dict:
-        k_tp, v_tp = get_args(tp)
-        if value is None:
-            return {}
-        if isinstance(value, str):
-            out = {}
-            for part in filter(None, (p.strip() for p in value.split(","))):
-                if "=" not in part:
-                    fail(" (expected k=v pairs separated by commas)")
-                k, v = part.split("=", 1)
-                out[k.strip()] = v.strip()
-            value = out
-        if not isinstance(value, dict):
-            fail()
-        return {coerce(k, k_tp, key): coerce(v, v_tp, key) for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        fail(" (use true or false)")
-    if tp is int:
-        if isinstance(value, bool):
-            fail()
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
+        return _coerce_dict(value, tp, key)
+    if tp in _SCALARS:
+        return _SCALARS[tp](value, tp, key)
+    raise _invalid(value, tp, key)
+
+
+def _coerce_union(value: Any, tp: Any, key: str) -> Any:
+    args = get_args(tp)
+    if type(None) in args and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE)):
+        return None
+    for a in args:
+        if a is type(None):
+            continue
+        try:
+            return coerce(value, a, key)
+        except MedGPTError:
+            pass
+    raise _invalid(value, tp, key)
+
+
+def _coerce_literal(value: Any, tp: Any, key: str) -> Any:
+    choices = get_args(tp)
+    for c in choices:
+        if value == c or (isinstance(value, str) and str(c) == value.strip()):
+            return c
+    raise MedGPTError(f"config key '{key}': {value!r} is not one of: {', '.join(map(str, choices))}. "
+                      f"Fix the value in your YAML file or on the command line (--{key} VALUE).")
+
+
+def _coerce_list(value: Any, tp: Any, key: str) -> list:
+    (item_tp,) = get_args(tp)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [value]
+    return [coerce(v, item_tp, key) for v in items]
+
+
+def _coerce_dict(value: Any, tp: Any, key: str) -> dict:
+    k_tp, v_tp = get_args(tp)
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        out = {}
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            if "=" not in part:
+                raise _invalid(value, tp, key, " (expected k=v pairs separated by commas)")
+            k, v = part.split("=", 1)
+            out[k.strip()] = v.strip()
+        value = out
+    if not isinstance(value, dict):
+        raise _invalid(value, tp, key)
+    return {coerce(k, k_tp, key): coerce(v, v_tp, key) for k, v in value.items()}
+
+
+def _coerce_bool(value: Any, tp: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise _invalid(value, tp, key, " (use true or false)")
+
+
+def _coerce_int(value: Any, tp: Any, key: str) -> int:
+    if isinstance(value, bool):
+        raise _invalid(value, tp, key)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip().replace("_", ""))
+        except ValueError:
             try:
-                return int(value.strip().replace("_", ""))
+                f = float(value)
             except ValueError:
-                try:
-                    f = float(value)
-                except ValueError:
-                    fail()
-                if f.is_integer():
-                    return int(f)
-        fail()
-    if tp is float:
-        if isinstance(value, bool):
-            fail()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                fail()
-        fail()
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        fail()
-    fail()
+                raise _invalid(value, tp, key) from None
+            if f.is_integer():
+                return int(f)
+    raise _invalid(value, tp, key)
+
+
+def _coerce_float(value: Any, tp: Any, key: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise _invalid(value, tp, key)
+
+
+def _coerce_str(value: Any, tp: Any, key: str) -> str:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise _invalid(value, tp, key)
+
+
+_SCALARS = {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}
 
 
 # ----------------------------------------------------------------------------- ranges
