@@ -292,13 +292,48 @@ def _texts(files: list[str], d: DataArgs) -> Iterable[str]:
     return (t for t in map(record_text, records) if t.strip())
 
 
-def run(cfg: Config) -> int:
-    """Add words (from a list and/or mined from a corpus) to a tokenizer; grow a model's embeddings to match."""
-    import copy
+def _mine(cfg: Config, old, n_tokens, taken: list[str]) -> tuple[list[str], list[str]]:
+    """(mined words, held-out texts): the corpus's frequent multi-token words, and the sample kept out of mining
+    to measure the gain on (when no --data.eval_files)."""
     import random
 
     from tqdm.auto import tqdm
 
+    e, d = cfg.extend, cfg.data
+    heldout: list[str] = []
+    rng = random.Random(0)
+
+    def corpus():
+        for text in tqdm(_texts(d.train_files, d), desc="mining", unit=" docs", mininterval=2):
+            if not d.eval_files and rng.random() < e.heldout_fraction and len(heldout) < 2000:
+                heldout.append(text)  # measured on, never mined from
+            else:
+                yield text
+    lowercase = old("Hypertension")["input_ids"] == old("hypertension")["input_ids"]
+    counts = _most_frequent_casing(count_candidates(corpus(), lowercase, e.max_ngram))
+    return select_words(counts, n_tokens, e.num_words, e.min_count, taken, e.max_ngram), heldout
+
+
+def _add_checked(old, forms: list[str]):
+    """(new tokenizer, forms kept): add the forms, then keep those that encode as one token (a normalizing
+    tokenizer may rewrite some)."""
+    import copy
+
+    from medgpt.utils import log
+
+    new = copy.deepcopy(old)
+    new.add_tokens(forms)
+    bad = [f for f in forms if new(f, add_special_tokens=False)["input_ids"] != [new.convert_tokens_to_ids(f)]]
+    if bad:
+        log(f"{len(bad)} words do not encode as one token once added and are left out: {bad[:10]}")
+        forms = [f for f in forms if f not in bad]
+        new = copy.deepcopy(old)
+        new.add_tokens(forms)
+    return new, forms
+
+
+def run(cfg: Config) -> int:
+    """Add words (from a list and/or mined from a corpus) to a tokenizer; grow a model's embeddings to match."""
     from medgpt.config import save_config
     from medgpt.model.load import load_tokenizer
     from medgpt.outdir import final_save, prepare_output_dir
@@ -324,19 +359,7 @@ def run(cfg: Config) -> int:
 
     n_tokens = lru_cache(maxsize=None)(lambda s: len(old(s, add_special_tokens=False)["input_ids"]))
     taken = list(dict.fromkeys(f for w in listed for f in forms_of(w) if n_tokens(f) > 1))
-    mined, heldout = [], []
-    if mine:
-        rng = random.Random(0)
-
-        def corpus():
-            for text in tqdm(_texts(d.train_files, d), desc="mining", unit=" docs", mininterval=2):
-                if not d.eval_files and rng.random() < e.heldout_fraction and len(heldout) < 2000:
-                    heldout.append(text)  # measured on, never mined from
-                else:
-                    yield text
-        lowercase = old("Hypertension")["input_ids"] == old("hypertension")["input_ids"]
-        counts = _most_frequent_casing(count_candidates(corpus(), lowercase, e.max_ngram))
-        mined = select_words(counts, n_tokens, e.num_words, e.min_count, taken, e.max_ngram)
+    mined, heldout = _mine(cfg, old, n_tokens, taken) if mine else ([], [])
     forms = taken + mined
     if not forms:
         what = (f"every word in {e.words} is already a single token" if listed else
@@ -346,15 +369,7 @@ def run(cfg: Config) -> int:
         raise MedGPTError(f"nothing to add: {'; '.join(filter(None, [what, found]))}. Give other words, a larger "
                           f"corpus or a lower --extend.min_count.")
 
-    # Add, then check every form encodes as one token (a normalizing tokenizer may rewrite some): keep the rest.
-    new = copy.deepcopy(old)
-    new.add_tokens(forms)
-    bad = [f for f in forms if new(f, add_special_tokens=False)["input_ids"] != [new.convert_tokens_to_ids(f)]]
-    if bad:
-        log(f"{len(bad)} words do not encode as one token once added and are left out: {bad[:10]}")
-        forms = [f for f in forms if f not in bad]
-        new = copy.deepcopy(old)
-        new.add_tokens(forms)
+    new, forms = _add_checked(old, forms)
     eval_texts = list(_texts(d.eval_files, d)) if d.eval_files else heldout or demo_text()
     contexts = [f"{w}\n患者的{w}，({w}) with {w}. {w}" for w in dict.fromkeys(f.strip() for f in forms)]
     check_round_trips(old, new, eval_texts[:500] + contexts)
