@@ -306,19 +306,13 @@ def _check(cfg: Config) -> None:
         raise MedGPTError(f"--pack.num_proc ({p.num_proc}) and --pack.batch_docs ({p.batch_docs}) must be >= 1.")
 
 
-def run(cfg: Config) -> int:
-    """Tokenize text corpora into <split>.bin + <split>.idx.npy + meta.json (EOS after every document)."""
-    from tqdm.auto import tqdm
-
-    from medgpt.config import save_config
-    from medgpt.data.validate import iter_canonical
+def _checked_tokenizer(cfg: Config):
+    """(tokenizer, vocabulary size, id dtype), or a MedGPTError: pack needs a fast tokenizer with an EOS token,
+    and ids that fit the dtype."""
     from medgpt.model.load import load_tokenizer
-    from medgpt.outdir import abandon, mark_complete, prepare_output_dir
-    from medgpt.scratch.memmap import FORMAT, META, dtype_for
-    from medgpt.utils import MedGPTError, is_main_process, log, write_json
+    from medgpt.scratch.memmap import dtype_for
+    from medgpt.utils import MedGPTError
 
-    # Everything that can be refused is refused before any output exists.
-    _check(cfg)
     tokenizer = load_tokenizer(cfg.model)
     if not getattr(tokenizer, "is_fast", False) or getattr(tokenizer, "backend_tokenizer", None) is None:
         raise MedGPTError(f"pack needs a fast tokenizer (a tokenizer.json); {cfg.model.name_or_path} loads as "
@@ -333,6 +327,59 @@ def run(cfg: Config) -> int:
     if np.iinfo(dtype).max < vocab - 1:
         raise MedGPTError(f"--pack.dtype {dtype} holds ids up to {np.iinfo(dtype).max}, but the tokenizer "
                           f"{cfg.model.name_or_path} has {vocab} tokens. Use --pack.dtype uint32 (or auto).")
+    return tokenizer, vocab, dtype
+
+
+def _write_all(results, writers: dict, bar) -> dict:
+    """Write every encoded batch to its split; the last document of each split is held back (returned) so that
+    it can still move to the other split if the hash left that one empty (see the module docstring)."""
+    held: dict[str, np.ndarray | None] = {s: None for s in writers}
+    for tokens, lengths, is_val in results:
+        ends = np.cumsum(lengths)
+        for split in writers:
+            sel = is_val if split == "val" else ~is_val
+            picked = np.flatnonzero(sel)
+            if not picked.size:
+                continue
+            if held[split] is not None:
+                writers[split].write(held[split], np.array([len(held[split])]))
+            last = picked[-1]
+            held[split] = tokens[ends[last] - lengths[last]:ends[last]].copy()
+            sel = sel.copy()
+            sel[last] = False
+            if sel.any():
+                writers[split].write(tokens[np.repeat(sel, lengths)], lengths[sel])
+        bar.update(int(ends[-1]))
+        bar.set_postfix(docs=f"{sum(w.documents for w in writers.values()):,}", refresh=False)
+    return held
+
+
+def _flush_held(held: dict, writers: dict, fraction: float) -> None:
+    """Write the held-back documents; when the hash left a split empty (a tiny corpus), one moves over first."""
+    if fraction > 0:
+        n_train, n_val = (writers[s].documents + (held[s] is not None) for s in ("train", "val"))
+        if n_train == 0 and held["val"] is not None:  # train first: a one-document corpus still trains
+            held["train"], held["val"] = held["val"], None
+        elif n_val == 0 and n_train >= 2:
+            held["val"], held["train"] = held["train"], None
+    for split, doc in held.items():
+        if doc is not None:
+            writers[split].write(doc, np.array([len(doc)]))
+
+
+def run(cfg: Config) -> int:
+    """Tokenize text corpora into <split>.bin + <split>.idx.npy + meta.json (EOS after every document)."""
+    from tqdm.auto import tqdm
+
+    from medgpt.config import save_config
+    from medgpt.data.validate import iter_canonical
+    from medgpt.outdir import abandon, mark_complete, prepare_output_dir
+    from medgpt.scratch.memmap import FORMAT, META
+    from medgpt.utils import MedGPTError, is_main_process, write_json
+
+    # Everything that can be refused is refused before any output exists.
+    _check(cfg)
+    tokenizer, vocab, dtype = _checked_tokenizer(cfg)
     # With --overwrite, an earlier corpus here stays whole and readable until the new one is complete: the new
     # files are written as temp files and only replace the old ones at the end (commit).
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite, command="pack")
@@ -358,37 +405,12 @@ def run(cfg: Config) -> int:
         writers = {s: SplitWriter(out, s, dtype) for s in splits}
         # The last document of each split is held back until the next batch (or the end), so that one can move
         # to the other split if the hash left that empty (tiny corpora): see the module docstring.
-        held: dict[str, np.ndarray | None] = {s: None for s in splits}
         start = time.perf_counter()
         todo = chain(batches(d.train_files, False), batches(d.eval_files, True) if d.eval_files else ())
         bar = tqdm(unit="tok", unit_scale=True, desc="pack", disable=not is_main_process(), mininterval=1.0)
         with closing(encoded_batches(todo, encoder, p.num_proc)) as results, bar:
-            for tokens, lengths, is_val in results:
-                ends = np.cumsum(lengths)
-                for split in splits:
-                    sel = is_val if split == "val" else ~is_val
-                    picked = np.flatnonzero(sel)
-                    if not picked.size:
-                        continue
-                    if held[split] is not None:
-                        writers[split].write(held[split], np.array([len(held[split])]))
-                    last = picked[-1]
-                    held[split] = tokens[ends[last] - lengths[last]:ends[last]].copy()
-                    sel = sel.copy()
-                    sel[last] = False
-                    if sel.any():
-                        writers[split].write(tokens[np.repeat(sel, lengths)], lengths[sel])
-                bar.update(int(ends[-1]))
-                bar.set_postfix(docs=f"{sum(w.documents for w in writers.values()):,}", refresh=False)
-        if fraction > 0:  # the hash left a split empty (a tiny corpus): one held-back document moves over
-            n_train, n_val = (writers[s].documents + (held[s] is not None) for s in ("train", "val"))
-            if n_train == 0 and held["val"] is not None:  # train first: a one-document corpus still trains
-                held["train"], held["val"] = held["val"], None
-            elif n_val == 0 and n_train >= 2:
-                held["val"], held["train"] = held["train"], None
-        for split, doc in held.items():
-            if doc is not None:
-                writers[split].write(doc, np.array([len(doc)]))
+            held = _write_all(results, writers, bar)
+        _flush_held(held, writers, fraction)
         elapsed = time.perf_counter() - start
         if writers["train"].documents == 0:
             raise MedGPTError(f"no text in {', '.join(d.train_files)}: every record was empty"
@@ -416,15 +438,23 @@ def run(cfg: Config) -> int:
     write_json(out / META, meta)  # last: its presence means every file it names is complete
     mark_complete(out)  # an earlier corpus's files that this one did not replace (its val split, say) go now
 
+    _log_packed(infos, dtype, elapsed, p.num_proc, skipped[0], out, fraction)
+    return 0
+
+
+def _log_packed(infos: dict, dtype: str, elapsed: float, num_proc: int, skipped: int, out: Path,
+                fraction: float) -> None:
+    from medgpt.scratch.memmap import META
+    from medgpt.utils import log
+
     total = sum(i["tokens"] for i in infos.values())
     itemsize = np.dtype(dtype).itemsize
     log(f"packed {sum(i['documents'] for i in infos.values())} documents, {total:,} tokens ({dtype}) in "
-        f"{elapsed:.2f}s: {total / max(elapsed, 1e-9):,.0f} tokens/s with {p.num_proc} process(es)"
-        f"{f'; skipped {skipped[0]} blank documents' if skipped[0] else ''}")
+        f"{elapsed:.2f}s: {total / max(elapsed, 1e-9):,.0f} tokens/s with {num_proc} process(es)"
+        f"{f'; skipped {skipped} blank documents' if skipped else ''}")
     for s, i in infos.items():
         log(f"  {s:<5} {i['documents']:>10,} documents {i['tokens']:>14,} tokens {i['tokens'] * itemsize:>14,} bytes"
             f"  {out / i['file']}")
     if fraction > 0 and "val" not in infos:
         log("  no val split: the corpus has a single document, which went to train")
     log(f"  meta  {out / META}")
-    return 0
