@@ -26,8 +26,7 @@ error never shows a traceback to the client; the request log has token counts an
 (unless --serve.log_bodies, and even then personal identifiers are scrubbed unless --serve.scrub_logs false).
 """
 
-# No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request, imported inside
-# create_app so that `medgpt serve --help` works without fastapi installed) as real objects.
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) as real objects.
 import asyncio
 import hmac
 import json
@@ -60,6 +59,11 @@ from medgpt.serve.schema import (
     usage,
 )
 from medgpt.utils import MedGPTError, log
+
+try:  # the `serve` extra; without it `medgpt serve --help` still works, and `medgpt serve` says what to install
+    from starlette.requests import Request
+except ImportError:  # pragma: no cover - exercised only without the extra
+    Request = None
 
 KEY_ENV = "MEDGPT_API_KEY"
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
@@ -130,97 +134,78 @@ def scrubbed(value):
 SOURCE_FIELDS = ("n", "source", "line", "heading", "where", "text")
 
 
-def create_app(engine, serve: ServeArgs, gen: Optional[GenArgs] = None, index=None,
-               rag: Optional[KnowledgeArgs] = None):
-    """The FastAPI app serving `engine`; its batcher thread starts and stops with the app (lifespan).
+async def _api_error(request, e: APIError):
+    from fastapi.responses import JSONResponse
 
-    `index` (a loaded medgpt.rag.index.Index) answers chat requests from the knowledge base, with `rag`'s top_k
-    and mode."""
-    import contextlib
+    headers = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": RETRY_AFTER_S}}.get(e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
-    from fastapi import APIRouter, Depends, FastAPI, Request
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-    from starlette.exceptions import HTTPException
 
-    gen = gen or GenArgs()
-    rag = rag or KnowledgeArgs()
-    name = serve.model_name or default_model_name(engine)
-    key = serve.api_key or os.environ.get(KEY_ENV) or None
-    batcher = Batcher(engine, serve.max_batch_size, serve.batch_wait_ms)
-    started = int(time.time())
-    if serve.log_requests or serve.log_bodies:
-        logger.setLevel(logging.INFO)
+async def _http_error(request, e):
+    from fastapi.responses import JSONResponse
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        batcher.start()
-        yield
-        batcher.stop()
+    message = {404: f"No route {request.method} {request.url.path}. This server has GET /health, "
+                    f"GET /v1/models, POST /v1/chat/completions and POST /v1/completions.",
+               405: f"{request.method} is not allowed on {request.url.path}."}.get(e.status_code, str(e.detail))
+    return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code)
 
-    app = FastAPI(title="MedGPT", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.batcher = batcher
 
-    async def api_error(request, e: APIError):
-        headers = {401: {"WWW-Authenticate": "Bearer"}, 429: {"Retry-After": RETRY_AFTER_S}}.get(e.status)
-        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+async def _crash(request, e: Exception):  # logged with its traceback by the server, never sent
+    from fastapi.responses import JSONResponse
 
-    async def http_error(request, e: HTTPException):
-        message = {404: f"No route {request.method} {request.url.path}. This server has GET /health, "
-                        f"GET /v1/models, POST /v1/chat/completions and POST /v1/completions.",
-                   405: f"{request.method} is not allowed on {request.url.path}."}.get(e.status_code, str(e.detail))
-        return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code)
+    return JSONResponse(APIError(500, "Internal server error (see the server log).").body(), status_code=500)
 
-    async def crash(request, e: Exception):  # logged with its traceback by the server, never sent
-        return JSONResponse(APIError(500, "Internal server error (see the server log).").body(), status_code=500)
 
-    app.add_exception_handler(APIError, api_error)
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(Exception, crash)
-    app.add_middleware(host_check, allowed=allowed_hosts(serve))
-    if serve.log_requests:  # added last, so it runs first and logs the requests host_check refuses too
-        app.add_middleware(request_log)
+class Server:
+    """What the routes share: the engine and its batcher, the settings, the served name, the key, the index."""
 
-    def authorize(request: Request) -> None:
-        if key is None:
+    def __init__(self, engine, serve: ServeArgs, gen: GenArgs, index, rag: KnowledgeArgs):
+        self.engine, self.serve, self.gen, self.index, self.rag = engine, serve, gen, index, rag
+        self.name = serve.model_name or default_model_name(engine)
+        self.key = serve.api_key or os.environ.get(KEY_ENV) or None
+        self.batcher = Batcher(engine, serve.max_batch_size, serve.batch_wait_ms)
+        self.started = int(time.time())
+
+    # ------------------------------------------------------------------------------------------- checks
+
+    def authorize(self, request: Request) -> None:
+        if self.key is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         # Constant time: how long the comparison takes says nothing about how much of the key was right.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.key.encode()):
             raise APIError(401, "Missing or wrong API key. Send it as the header `Authorization: Bearer KEY`.",
                            code="invalid_api_key")
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": name}
-
-    def model_card() -> dict:
-        return {"id": name, "object": "model", "created": started, "owned_by": "medgpt"}
-
-    @v1.get("/models")
-    async def models():
-        return {"object": "list", "data": [model_card()]}
-
-    @v1.get("/models/{model_id:path}")
-    async def model(model_id: str):
-        if model_id != name:
-            raise APIError(404, f"Model '{model_id}' is not served here; this server has '{name}'.",
-                           param="model", code="model_not_found")
-        return model_card()
-
-    async def request_body(request: Request) -> dict:
-        body = await read_json(request, serve.max_body_bytes)
-        if serve.log_bodies:
-            shown = scrubbed(body) if serve.scrub_logs else body
+    async def request_body(self, request: Request) -> dict:
+        body = await read_json(request, self.serve.max_body_bytes)
+        if self.serve.log_bodies:
+            shown = scrubbed(body) if self.serve.scrub_logs else body
             logger.info("body %s %s", request.url.path, json.dumps(shown, ensure_ascii=False)[:4000])
         asked = body.get("model")
-        if asked is not None and asked != name:
-            raise APIError(404, f"Model '{asked}' is not served here; use '{name}' (see GET /v1/models).",
+        if asked is not None and asked != self.name:
+            raise APIError(404, f"Model '{asked}' is not served here; use '{self.name}' (see GET /v1/models).",
                            param="model", code="model_not_found")
         return body
 
-    def with_knowledge(body: dict, messages: list[dict]) -> tuple[list[dict], Optional[list[dict]]]:
+    # ------------------------------------------------------------------------------------------- routes
+
+    async def health(self):
+        return {"status": "ok", "model": self.name}
+
+    def model_card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.started, "owned_by": "medgpt"}
+
+    async def models(self):
+        return {"object": "list", "data": [self.model_card()]}
+
+    async def model(self, model_id: str):
+        if model_id != self.name:
+            raise APIError(404, f"Model '{model_id}' is not served here; this server has '{self.name}'.",
+                           param="model", code="model_not_found")
+        return self.model_card()
+
+    def with_knowledge(self, body: dict, messages: list[dict]) -> tuple[list[dict], Optional[list[dict]]]:
         """The messages with the knowledge base's passages in the last user turn, and those passages as sources.
 
         The passages are sized so that the prompt fits both the context next to the answer's budget and
@@ -229,94 +214,135 @@ def create_app(engine, serve: ServeArgs, gen: Optional[GenArgs] = None, index=No
 
         asked = next((body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), None)
         valid = isinstance(asked, int) and not isinstance(asked, bool) and asked > 0  # else budget() refuses it
-        answer_room = asked if valid else min(gen.max_new_tokens, serve.max_tokens)
-        reserve = max(answer_room, engine.max_context - serve.max_prompt_tokens)
-        messages, sources = fit_augment(engine, messages, index, rag.top_k, reserve, mode=rag.mode)
+        answer_room = asked if valid else min(self.gen.max_new_tokens, self.serve.max_tokens)
+        reserve = max(answer_room, self.engine.max_context - self.serve.max_prompt_tokens)
+        messages, sources = fit_augment(self.engine, messages, self.index, self.rag.top_k, reserve,
+                                        mode=self.rag.mode)
         return messages, [{k: s[k] for k in SOURCE_FIELDS} for s in sources]
 
-    @v1.post("/chat/completions")
-    async def chat_completions(request: Request):
-        body = await request_body(request)
+    async def chat_completions(self, request: Request):
+        body = await self.request_body(request)
         messages = to_messages(body.get("messages"))
         use = field(body, "knowledge", (bool,), what="true or false")
         sources = None
         try:
             # Only a conversation that ends with the user's turn has a question (the rest is refused below).
-            if index is not None and use is not False and messages[-1]["role"] == "user":
-                messages, sources = await asyncio.to_thread(with_knowledge, body, messages)  # off the event loop
-            prompt = await asyncio.to_thread(engine.prompt_ids, messages)
+            if self.index is not None and use is not False and messages[-1]["role"] == "user":
+                messages, sources = await asyncio.to_thread(self.with_knowledge, body, messages)  # off the loop
+            prompt = await asyncio.to_thread(self.engine.prompt_ids, messages)
         except MedGPTError as e:
             raise bad(str(e), param="messages") from None
-        return await answer(request, body, prompt, chat=True, sources=sources)
+        return await self.answer(request, body, prompt, chat=True, sources=sources)
 
-    @v1.post("/completions")
-    async def completions(request: Request):
-        body = await request_body(request)
+    async def completions(self, request: Request):
+        body = await self.request_body(request)
         text = body.get("prompt")
         if isinstance(text, list) and len(text) == 1:
             text = text[0]
         if not isinstance(text, str) or not text:
             raise bad("'prompt' must be a non-empty string (one prompt per request).", param="prompt")
-        prompt = await asyncio.to_thread(engine.text_ids, text)
-        return await answer(request, body, prompt, chat=False)
+        prompt = await asyncio.to_thread(self.engine.text_ids, text)
+        return await self.answer(request, body, prompt, chat=False)
 
-    async def answer(request: Request, body: dict, prompt: list[int], chat: bool,
+    # ------------------------------------------------------------------------------------------- answers
+
+    async def answer(self, request: Request, body: dict, prompt: list[int], chat: bool,
                      sources: Optional[list[dict]] = None):
-        settings, stop = sampling(body, gen)
-        param = "messages" if chat else "prompt"
-        max_new = budget(body, len(prompt), gen, serve, engine.max_context, param)
+        from fastapi.responses import Response, StreamingResponse
+
+        serve = self.serve
+        settings, stop = sampling(body, self.gen)
+        max_new = budget(body, len(prompt), self.gen, serve, self.engine.max_context, "messages" if chat else "prompt")
         stream = field(body, "stream", (bool,), what="true or false") or False
         options = field(body, "stream_options", (dict,), what="an object") or {}
         include_usage = stream and options.get("include_usage") is True
-        if batcher.waiting() >= serve.max_queue:
+        if self.batcher.waiting() >= serve.max_queue:
             raise APIError(429, f"The server is busy ({serve.max_queue} requests waiting). Retry in a moment.",
                            code="server_busy")
         job = Job(prompt, replace(settings, max_new_tokens=max_new), stop, stream, asyncio.get_running_loop())
-        batcher.submit(job)
+        self.batcher.submit(job)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        shape = dict(chat=chat, rid=rid, created=int(time.time()), model=name)
-
-        def finished(result) -> None:
-            request.state.usage = (result.prompt_tokens, result.completion_tokens)  # for the request log
-            if serve.log_bodies:
-                text = scrubbed(result.text) if serve.scrub_logs else result.text
-                logger.info("answer %s %s", rid, json.dumps(text, ensure_ascii=False)[:4000])
-
+        shape = dict(chat=chat, rid=rid, created=int(time.time()), model=self.name)
         if stream:
-            async def events():
-                try:
-                    if chat:
-                        yield sse(chunk(**shape, role=True, with_usage=include_usage))
-                    while True:
-                        kind, payload = await job.events.get()
-                        if kind == "text":
-                            yield sse(chunk(**shape, text=payload, with_usage=include_usage))
-                            continue
-                        if kind == "error":
-                            yield sse(engine_error(payload).body())
-                        else:
-                            finished(payload)
-                            yield sse(chunk(**shape, finish=finish_reason(payload), with_usage=include_usage,
-                                            sources=sources))
-                            if include_usage:
-                                yield sse(chunk(**shape, counts=usage(payload)))
-                        break
-                    yield "data: [DONE]\n\n"
-                finally:  # also when the client went away mid-stream: its row stops at the next token
-                    job.cancel.set()
-
-            return StreamingResponse(events(), media_type="text/event-stream",
+            return StreamingResponse(self.events(request, job, shape, include_usage, sources),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
         try:
             result = await wait_for_result(request, job)
         finally:
             job.cancel.set()
         if result is None:  # the client disconnected; nobody reads this
             return Response(status_code=499)
-        finished(result)
+        self.finished(request, rid, result)
         return completion(**shape, result=result, sources=sources)
 
+    async def events(self, request: Request, job: Job, shape: dict, include_usage: bool,
+                     sources: Optional[list[dict]]):
+        """The server-sent events of a streamed answer."""
+        try:
+            if shape["chat"]:
+                yield sse(chunk(**shape, role=True, with_usage=include_usage))
+            while True:
+                kind, payload = await job.events.get()
+                if kind == "text":
+                    yield sse(chunk(**shape, text=payload, with_usage=include_usage))
+                    continue
+                if kind == "error":
+                    yield sse(engine_error(payload).body())
+                else:
+                    self.finished(request, shape["rid"], payload)
+                    yield sse(chunk(**shape, finish=finish_reason(payload), with_usage=include_usage,
+                                    sources=sources))
+                    if include_usage:
+                        yield sse(chunk(**shape, counts=usage(payload)))
+                break
+            yield "data: [DONE]\n\n"
+        finally:  # also when the client went away mid-stream: its row stops at the next token
+            job.cancel.set()
+
+    def finished(self, request: Request, rid: str, result) -> None:
+        request.state.usage = (result.prompt_tokens, result.completion_tokens)  # for the request log
+        if self.serve.log_bodies:
+            text = scrubbed(result.text) if self.serve.scrub_logs else result.text
+            logger.info("answer %s %s", rid, json.dumps(text, ensure_ascii=False)[:4000])
+
+
+def create_app(engine, serve: ServeArgs, gen: Optional[GenArgs] = None, index=None,
+               rag: Optional[KnowledgeArgs] = None):
+    """The FastAPI app serving `engine`; its batcher thread starts and stops with the app (lifespan).
+
+    `index` (a loaded medgpt.rag.index.Index) answers chat requests from the knowledge base, with `rag`'s top_k
+    and mode."""
+    import contextlib
+
+    from fastapi import APIRouter, Depends, FastAPI
+    from starlette.exceptions import HTTPException
+
+    server = Server(engine, serve, gen or GenArgs(), index, rag or KnowledgeArgs())
+    if serve.log_requests or serve.log_bodies:
+        logger.setLevel(logging.INFO)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.batcher.start()
+        yield
+        server.batcher.stop()
+
+    app = FastAPI(title="MedGPT", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.batcher = server.batcher
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, _crash)
+    app.add_middleware(host_check, allowed=allowed_hosts(serve))
+    if serve.log_requests:  # added last, so it runs first and logs the requests host_check refuses too
+        app.add_middleware(request_log)
+
+    app.get("/health")(server.health)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(server.authorize)])
+    v1.get("/models")(server.models)
+    v1.get("/models/{model_id:path}")(server.model)
+    v1.post("/chat/completions")(server.chat_completions)
+    v1.post("/completions")(server.completions)
     app.include_router(v1)
     return app
 
