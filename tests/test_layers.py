@@ -1,5 +1,5 @@
-"""The package's layers, lowest first; a module imports only its own layer or lower ones (lazy imports inside
-functions included). README "Layout" and each package's docstring say the same."""
+"""House rules checked on the source: the package's layers, lowest first (a module imports only its own layer or
+lower ones, lazy imports inside functions included; medgpt/__init__.py lists them), and no function over 80 lines."""
 
 from __future__ import annotations
 
@@ -72,3 +72,14 @@ def test_the_check_sees_lazy_and_relative_imports(tmp_path):
     found = dict((m, n) for n, m in imports(pkg / "commands.py"))
     assert any(m.startswith("medgpt.") for m in found)
     assert layer_of("medgpt.eval.rouge") > layer_of("medgpt.infer.engine") > layer_of("medgpt.data.formats")
+
+
+def test_no_function_is_longer_than_80_lines():
+    """A function that outgrows a screen is split into named parts (README "Layout")."""
+    long = []
+    for path in sorted(ROOT.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {node.name} "
+                            f"({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, "functions over 80 lines:\n" + "\n".join(long)

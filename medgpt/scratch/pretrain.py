@@ -43,8 +43,6 @@ import dataclasses
 import json
 import math
 import os
-import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -52,7 +50,6 @@ from pathlib import Path
 
 import numpy as np
 
-from medgpt.outdir import claim
 from medgpt.scratch import memmap
 from medgpt.scratch.schedule import (
     SCHEDULES,
@@ -66,8 +63,9 @@ from medgpt.scratch.schedule import (
     total_steps,
     warmup_steps,
 )
-from medgpt.train.run import COMPLETE, completed_checkpoints, final_save, plot_loss, precision
-from medgpt.utils import MedGPTError, atomic_write, is_main_process, log, write_json
+from medgpt.train import checkpoint as ckpt_kit
+from medgpt.train.run import final_save, plot_loss, precision
+from medgpt.utils import MedGPTError, is_main_process, log, write_json
 
 
 @dataclass
@@ -221,52 +219,20 @@ def evaluate(model, p: Plan, block: int, batch_size: int, max_windows: int, devi
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(out: Path, model, tokenizer, optimizer, state: dict, rng, keep: int) -> None:
-    import torch
+    """checkpoint-N (train/checkpoint.py): weights, tokenizer, optimizer, RNGs, the loop state and the data
+    sampler's position."""
+    def save_models(ckpt: Path) -> None:
+        model.save_pretrained(ckpt)
+        tokenizer.save_pretrained(ckpt)
 
-    ckpt = out / f"checkpoint-{state['step']}"
-    claim(out, ckpt.name)  # before writing: a kill mid-save leaves a checkpoint --resume may remove
-    shutil.rmtree(ckpt, ignore_errors=True)
-    ckpt.mkdir(parents=True)
-    model.save_pretrained(ckpt)
-    tokenizer.save_pretrained(ckpt)
-    torch.save(optimizer.state_dict(), ckpt / "optimizer.pt")
-    torch.save({"python": random.getstate(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, ckpt / "rng_state.pth")
-    write_json(ckpt / "trainer_state.json", {**state, "data_rng": rng.bit_generator.state})
-    with atomic_write(ckpt / COMPLETE) as f:  # last: a run killed before this line left no resumable checkpoint
-        f.write(str(state["step"]))
-    done = completed_checkpoints(out)
-    for old in done[:max(0, len(done) - max(keep, 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+    ckpt_kit.save_checkpoint(out, state["step"], save_models, optimizer,
+                             {**state, "data_rng": rng.bit_generator.state}, keep)
 
 
 def load_checkpoint(ckpt: Path, model, optimizer, rng, device) -> dict:
     """Weights, optimizer, RNGs and the loop state of checkpoint-N, back into the objects of this run."""
-    import torch
-    from safetensors.torch import load_file
-
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
-    else:
-        files = sorted(ckpt.glob("model*.safetensors"))
-        if not files:
-            raise MedGPTError(f"{ckpt} has no model*.safetensors, so it cannot be resumed. Delete it (or its "
-                              f"{COMPLETE} marker) to resume from an earlier checkpoint.")
-        weights = {k: v for f in files for k, v in load_file(f).items()}
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
-        if missing or unexpected:
-            raise MedGPTError(f"{ckpt} was written by a different model (missing {missing[:3]}, unexpected "
-                              f"{unexpected[:3]}). Resume with the same --model.* and --arch.* options.")
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
-    rngs = torch.load(ckpt / "rng_state.pth", weights_only=True)
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rngs["python"]))
-    torch.set_rng_state(rngs["torch"])
-    if rngs["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rngs["cuda"])
-    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    ckpt_kit.load_weights(model, ckpt)
+    state = ckpt_kit.load_checkpoint(ckpt, optimizer, device)
     rng.bit_generator.state = state.pop("data_rng")
     return state
 
@@ -300,23 +266,13 @@ def describe(model, n: dict, flops: int) -> None:
         f"{flops / 1e6:.2f} MFLOPs per trained token")
 
 
-def pretrain(cfg) -> int:
-    """From-scratch / packed-data pretraining; see the module docstring."""
-    p = plan(cfg)  # data first: a bad dir or phase fails in seconds, before the model loads
-    from medgpt.model.load import load_tokenizer
-    from medgpt.train import run as R
-
-    src = tokenizer_source(cfg, p)
-    tokenizer = load_tokenizer(dataclasses.replace(cfg.model, name_or_path=src))
-    check_vocab(tokenizer, p.metas, src)
-
+def ready_model(cfg, tokenizer, src: str):
+    """(model on its device in train mode, device, dtype, autocast context, parameter counts, FLOPs per token)."""
     import torch
-    from tqdm.auto import tqdm
 
-    from medgpt.scratch.model import flops_per_token, matmul_peak, parameter_counts
+    from medgpt.scratch.model import flops_per_token, parameter_counts
 
     train, block = cfg.train, cfg.train.max_length
-    out = R.start(cfg)
     if cfg.model.init:
         log(f"from scratch: a random-init {cfg.model.init}; tokenizer from {src}")
         if train.learning_rate < 1e-4:
@@ -331,28 +287,83 @@ def pretrain(cfg) -> int:
     counts = parameter_counts(model)
     flops = flops_per_token(counts["matmul"], model.config.num_hidden_layers, model.config.hidden_size, block)
     describe(model, counts, flops)
+    return model, device, dtype, amp, counts, flops
 
-    # AdamW with decay on matrices only: biases and norm gains are few and decaying them only hurts (nanoGPT).
+
+def eval_into(state: dict, step: int, model, p: Plan, cfg, device, amp, writer=None) -> str:
+    """Evaluate on the val splits, append to the history (and TensorBoard); the line to print."""
+    ev = evaluate(model, p, cfg.train.max_length, cfg.train.eval_batch_size, cfg.pt.eval_windows, device, amp)
+    state["history"].append({"step": step, **ev})
+    ckpt_kit.add_scalars(writer, "eval", {k.removeprefix("eval_"): v for k, v in ev.items()}, step)
+    return f"step {step}: eval loss {ev['eval_loss']:.4f}, perplexity {ev['perplexity']:.2f}"
+
+
+def measured_peak(device, dtype, seconds: float) -> float | None:
+    """This machine's matmul peak in FLOP/s (what MFU is measured against), or None when not measured."""
+    from medgpt.scratch.model import matmul_peak
+
+    peak = matmul_peak(device, dtype, seconds) if seconds > 0 else None
+    if peak:
+        log(f"matmul peak on this machine: {peak / 1e9:,.1f} GFLOP/s ({dtype}, {device.type})")
+    return peak
+
+
+def adamw(model, train, device):
+    """(trained parameters, AdamW) with weight decay on matrices only: biases and norm gains are few and decaying
+    them only hurts (nanoGPT)."""
+    import torch
+
     params = [q for q in model.parameters() if q.requires_grad]
     groups = [{"params": [q for q in params if q.dim() >= 2], "weight_decay": train.weight_decay},
               {"params": [q for q in params if q.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=train.learning_rate, betas=(0.9, 0.95), eps=1e-8,
-                                  fused=device.type == "cuda")
+    return params, torch.optim.AdamW(groups, lr=train.learning_rate, betas=(0.9, 0.95), eps=1e-8,
+                                     fused=device.type == "cuda")
+
+
+def train_step(forward, optimizer, params, phase, metas, rng, train, device, amp) -> float:
+    """One optimizer step over gradient_accumulation_steps micro-batches drawn from the phase's mix; the loss."""
+    import torch
+
+    accum, block = train.gradient_accumulation_steps, train.max_length
+    loss = torch.zeros((), device=device)
+    for _ in range(accum):
+        d = sample_source(phase, rng)
+        x, y = memmap.random_windows(d, "train", block, train.batch_size, rng, metas[d])
+        micro = cross_entropy(forward, x.to(device), y.to(device), amp)
+        (micro / accum).backward()
+        loss += micro.detach() / accum
+    if train.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()  # .item() waits for the GPU, so the caller's step time is real
+
+
+def pretrain(cfg) -> int:
+    """From-scratch / packed-data pretraining; see the module docstring."""
+    p = plan(cfg)  # data first: a bad dir or phase fails in seconds, before the model loads
+    from medgpt.model.load import load_tokenizer
+    from medgpt.train import run as R
+
+    src = tokenizer_source(cfg, p)
+    tokenizer = load_tokenizer(dataclasses.replace(cfg.model, name_or_path=src))
+    check_vocab(tokenizer, p.metas, src)
+
+    import torch
+    from tqdm.auto import tqdm
+
+    train, block = cfg.train, cfg.train.max_length
+    out = R.start(cfg)
+    model, device, dtype, amp, counts, flops = ready_model(cfg, tokenizer, src)
+
+    params, optimizer = adamw(model, train, device)
     rng = np.random.default_rng(train.seed)
-    state = {"step": 0, "tokens": 0, "history": []}
     resume = R.resume_checkpoint(cfg, out)
-    if resume:
-        state = load_checkpoint(Path(resume), model, optimizer, rng, device)
+    state = load_checkpoint(Path(resume), model, optimizer, rng, device) if resume else \
+        {"step": 0, "tokens": 0, "history": []}
     forward = torch.compile(model) if cfg.pt.compile else model
-
-    peak = matmul_peak(device, dtype, cfg.pt.benchmark_seconds) if cfg.pt.benchmark_seconds > 0 else None
-    if peak:
-        log(f"matmul peak on this machine: {peak / 1e9:,.1f} GFLOP/s ({dtype}, {device.type})")
-    writer = None
-    if train.tensorboard and is_main_process():
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "runs" / time.strftime("%Y%m%d-%H%M%S")))
+    peak = measured_peak(device, dtype, cfg.pt.benchmark_seconds)
+    writer = ckpt_kit.tensorboard(train, out)
 
     total, accum = p.total, train.gradient_accumulation_steps
     warm, decay = warmup_steps(train.warmup, total), decay_steps(cfg.pt.decay_fraction, total)
@@ -362,35 +373,22 @@ def pretrain(cfg) -> int:
                                            if p.schedule == "warmup_stable_decay" else ""))
     if p.eval_dirs and state["step"] == 0:
         # The untrained model's val loss (about ln(vocab)): the start the curve and metrics.json measure against.
-        ev = evaluate(model, p, block, train.eval_batch_size, cfg.pt.eval_windows, device, amp)
-        state["history"].append({"step": 0, **ev})
-        log(f"step 0: eval loss {ev['eval_loss']:.4f}, perplexity {ev['perplexity']:.2f}")
+        log(eval_into(state, 0, model, p, cfg, device, amp))
     bar = tqdm(total=total, initial=state["step"], desc="pt", unit="step", disable=not is_main_process())
     current, window, ran, timed_tokens, timed_seconds, started = None, [], 0, 0, 0.0, time.time()
     while state["step"] < total:
         step = state["step"] + 1
         i = phase_index(p.phases, step)
         if i != current:
-            current, ph = i, p.phases[i]
-            first = phase_start(p.phases, i)
-            bar.write(f"phase {i + 1}/{len(p.phases)} '{ph.name}': steps {first + 1}-{first + ph.steps} of {total}, "
-                      "data " + ", ".join(f"{d} x{w:g}" for d, w in ph.data.items()))
+            current, first = i, phase_start(p.phases, i)
+            bar.write(f"phase {i + 1}/{len(p.phases)} '{p.phases[i].name}': steps {first + 1}-"
+                      f"{first + p.phases[i].steps} of {total}, data "
+                      + ", ".join(f"{d} x{w:g}" for d, w in p.phases[i].data.items()))
         lr = train.learning_rate * lr_multiplier(step, total, warm, decay, cfg.pt.min_lr_ratio, p.schedule)
         for g in optimizer.param_groups:
             g["lr"] = lr
         t0 = time.perf_counter()
-        loss = torch.zeros((), device=device)
-        for _ in range(accum):
-            d = sample_source(p.phases[i], rng)
-            x, y = memmap.random_windows(d, "train", block, train.batch_size, rng, p.metas[d])
-            micro = cross_entropy(forward, x.to(device), y.to(device), amp)
-            (micro / accum).backward()
-            loss += micro.detach() / accum
-        if train.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.append(loss.item())  # .item() waits for the GPU, so the step time below is real
+        window.append(train_step(forward, optimizer, params, p.phases[i], p.metas, rng, train, device, amp))
         seconds = time.perf_counter() - t0
         state["step"], state["tokens"] = step, state["tokens"] + per_step
         ran += 1
@@ -402,37 +400,46 @@ def pretrain(cfg) -> int:
 
         if step % max(train.logging_steps, 1) == 0 or step == total:
             rec = {"step": step, "loss": sum(window) / len(window), "learning_rate": lr, "tokens": state["tokens"],
-                   "tokens_per_second": tps, "phase": p.phases[i].name}
-            if peak:
-                rec["mfu"] = flops * tps / peak
+                   "tokens_per_second": tps, "phase": p.phases[i].name, **({"mfu": flops * tps / peak} if peak else {})}
             window = []
             state["history"].append(rec)
             bar.write(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in rec.items()}))
-            if writer:
-                for k, v in rec.items():
-                    if isinstance(v, (int, float)) and k != "step":
-                        writer.add_scalar(f"train/{k}", v, step)
-                writer.add_scalar("train/phase", i, step)
+            ckpt_kit.add_scalars(writer, "train", {**rec, "phase": i}, step)
         if p.eval_dirs and ((train.eval_steps > 0 and step % train.eval_steps == 0) or step == total):
-            ev = evaluate(model, p, block, train.eval_batch_size, cfg.pt.eval_windows, device, amp)
-            state["history"].append({"step": step, **ev})
-            bar.write(f"step {step}: eval loss {ev['eval_loss']:.4f}, perplexity {ev['perplexity']:.2f}")
-            if writer:
-                for k, v in ev.items():
-                    writer.add_scalar(f"eval/{k.removeprefix('eval_')}", v, step)
+            bar.write(eval_into(state, step, model, p, cfg, device, amp, writer))
         if train.save_steps > 0 and step % train.save_steps == 0 and is_main_process():
             save_checkpoint(out, model, tokenizer, optimizer, state, rng, train.save_total_limit)
     bar.close()
     if writer:
         writer.close()
 
+    if p.eval_dirs and not any("eval_loss" in h for h in state["history"]):
+        eval_into(state, state["step"], model, p, cfg, device, amp)  # resumed at the end: eval is still due
+    tps = timed_tokens / timed_seconds if timed_seconds else None
+    save_final(out, model, tokenizer, state, final_metrics(state, flops, counts, tps, peak, time.time() - started))
+    return 0
+
+
+def save_final(out: Path, model, tokenizer, state: dict, metrics: dict) -> None:
+    """The model, tokenizer, trainer_state.json, metrics.json (finite values) and loss.png, all at once."""
+    if not is_main_process():
+        return
+    with final_save(out) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_json(staging / "trainer_state.json", state)
+        write_json(staging / "metrics.json", {k: v for k, v in metrics.items() if v is not None and
+                                              not (isinstance(v, float) and not math.isfinite(v))})
+        plot_loss(state["history"], staging / "loss.png", title=out.name)
+    log(f"saved the model, tokenizer, metrics.json, trainer_state.json and loss.png to {out}")
+
+
+def final_metrics(state: dict, flops: int, counts: dict, tps: float | None, peak: float | None,
+                  runtime: float) -> dict:
+    """metrics.json of a pretraining run: last and first losses, the last eval, throughput and MFU."""
     history = state["history"]
     losses = [h["loss"] for h in history if "loss" in h]
     evals = [h for h in history if "eval_loss" in h]
-    if not evals and p.eval_dirs:  # resumed from the final step: nothing trained, but eval is still due
-        evals = [{"step": state["step"], **evaluate(model, p, block, train.eval_batch_size, cfg.pt.eval_windows,
-                                                    device, amp)}]
-    tps = timed_tokens / timed_seconds if timed_seconds else None
     start = next((h["eval_loss"] for h in evals if h["step"] == 0), None)
     evals = [h for h in evals if h["step"] > 0] or evals
     metrics = {"train_loss": losses[-1] if losses else None, "initial_loss": losses[0] if losses else None,
@@ -440,20 +447,11 @@ def pretrain(cfg) -> int:
                **{k: v for k, v in (evals[-1] if evals else {}).items() if k != "step"},
                "tokens_seen": state["tokens"], "tokens_per_second": tps, "flops_per_token": flops,
                "parameters": counts["total"], "embedding_parameters": counts["embedding"],
-               "global_step": state["step"], "train_runtime": time.time() - started}
+               "global_step": state["step"], "train_runtime": runtime}
     if peak:
         metrics["peak_gflops"] = peak / 1e9
         if tps:
             metrics["mfu"] = flops * tps / peak
             log(f"{tps:,.0f} tokens/s; MFU {100 * metrics['mfu']:.1f}% of measured matmul peak "
                 f"{peak / 1e9:,.1f} GFLOP/s ({flops / 1e6:.2f} MFLOPs per token)")
-    if is_main_process():
-        with final_save(out) as staging:
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            write_json(staging / "trainer_state.json", state)
-            write_json(staging / "metrics.json", {k: v for k, v in metrics.items() if v is not None and
-                                                  not (isinstance(v, float) and not math.isfinite(v))})
-            plot_loss(history, staging / "loss.png", title=out.name)
-        log(f"saved the model, tokenizer, metrics.json, trainer_state.json and loss.png to {out}")
-    return 0
+    return metrics

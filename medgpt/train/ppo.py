@@ -17,17 +17,15 @@ import contextlib
 import json
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from medgpt.outdir import claim
 from medgpt.train import losses as L
-from medgpt.train.run import COMPLETE, completed_checkpoints, final_save, plot_loss
-from medgpt.utils import MedGPTError, atomic_write, is_main_process, log, write_json
+from medgpt.train.checkpoint import add_scalars, load_checkpoint, load_weights, save_checkpoint, tensorboard
+from medgpt.train.run import final_save, plot_loss
+from medgpt.utils import MedGPTError, is_main_process, log, write_json
 
 
 def disable_dropout(model) -> None:
@@ -227,11 +225,7 @@ class PPOTrainer:
 
         if resume_from:
             self.load_checkpoint(Path(resume_from))
-        writer = None
-        if self.train_args.tensorboard and is_main_process():
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(self.out / "runs" / time.strftime("%Y%m%d-%H%M%S")))
+        writer = tensorboard(self.train_args, self.out)
         started = time.time()
         bar = tqdm(total=self.max_steps, initial=self.step, desc="ppo", disable=not is_main_process())
         while self.step < self.max_steps:
@@ -242,9 +236,7 @@ class PPOTrainer:
             self.adapt_kl(roll["stats"]["kl"])
             self.step += 1
             self.history.append({"step": self.step, **stats})
-            if writer is not None:
-                for k, v in stats.items():
-                    writer.add_scalar(f"train/{k}", v, self.step)
+            add_scalars(writer, "train", stats, self.step)
             bar.update(1)
             bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}", loss=f"{stats['loss']:.3f}")
             if self.step % max(self.train_args.logging_steps, 1) == 0 or self.step == 1:
@@ -278,43 +270,19 @@ class PPOTrainer:
         self.value_model.save_pretrained(path / "value_model")
 
     def save_checkpoint(self) -> None:
-        """checkpoint-N: models, optimizer, scheduler, RNG, step and history; `.complete` is written last, so a
-        run killed mid-save leaves a checkpoint that --resume skips (medgpt.train.run.resume_checkpoint)."""
+        """checkpoint-N (train/checkpoint.py): policy and value model, optimizer, scheduler, RNGs, step, KL
+        coefficient and history."""
         if not is_main_process():
             return
-        ckpt = self.out / f"checkpoint-{self.step}"
-        claim(self.out, ckpt.name)  # before writing: a kill mid-save leaves a checkpoint --resume may remove
-        shutil.rmtree(ckpt, ignore_errors=True)
-        ckpt.mkdir(parents=True)
-        self.save_models(ckpt)
-        torch.save(self.optimizer.state_dict(), ckpt / "optimizer.pt")
-        torch.save(self.scheduler.state_dict(), ckpt / "scheduler.pt")
-        np_state = np.random.get_state()
-        rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
-               "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        torch.save(rng, ckpt / "rng_state.pth")
-        write_json(ckpt / "trainer_state.json", self.state())
-        with atomic_write(ckpt / COMPLETE) as f:
-            f.write(str(self.step))
+        ckpt = save_checkpoint(self.out, self.step, self.save_models, self.optimizer, self.state(),
+                               self.train_args.save_total_limit, self.scheduler)
         log(f"saved {ckpt}")
-        done = completed_checkpoints(self.out)
-        for old in done[:max(0, len(done) - max(self.train_args.save_total_limit, 1))]:
-            shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, ckpt: Path) -> None:
-        _load_weights(self.policy, ckpt)
-        _load_weights(self.value_model, ckpt / "value_model")
-        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=self.device, weights_only=True))
-        self.scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-        state = json.loads((ckpt / "trainer_state.json").read_text())
+        load_weights(self.policy, ckpt)
+        load_weights(self.value_model, ckpt / "value_model")
+        state = load_checkpoint(ckpt, self.optimizer, self.device, self.scheduler)
         self.step, self.kl_coef, self.history = state["step"], state["kl_coef"], state["history"]
-        rng = torch.load(ckpt / "rng_state.pth", weights_only=True)
-        random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
-        np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
         log(f"resumed at PPO step {self.step} of {self.max_steps}")
 
     def save_final(self, tokenizer, metrics: dict) -> None:
@@ -328,26 +296,3 @@ class PPOTrainer:
             plot_loss(self.history, staging / "loss.png", keys=("score", "policy_loss", "value_loss"),
                       title=self.out.name)
         log(f"saved policy, value_model/, tokenizer, metrics.json, trainer_state.json and loss.png to {self.out}")
-
-
-def _load_weights(model, path: Path) -> None:
-    """Load what `save_pretrained` wrote back into the same (already built) model, exactly."""
-    from safetensors.torch import load_file
-
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"), adapter_name="default")
-        return
-    files = sorted(path.glob("model*.safetensors"))
-    if not files:
-        raise MedGPTError(f"checkpoint {path} has no model*.safetensors; it cannot be resumed. Delete it (or its "
-                          f"{COMPLETE} marker) to resume from an earlier one.")
-    names = set(model.state_dict())
-    for f in files:
-        weights = load_file(f)
-        unknown = sorted(set(weights) - names)
-        if unknown:
-            raise MedGPTError(f"checkpoint {path} holds weights this model does not have ({unknown[:3]}); it was "
-                              f"written by a different model. Resume with the same --model.* options.")
-        model.load_state_dict(weights, strict=False)
