@@ -268,3 +268,22 @@ def test_a_bare_question_is_a_prompt_record():
     obj = {"question": "What is gout?", "source": "gout.md", "lang": "en"}
     assert detect_format(obj) == "prompt"
     assert to_canonical(obj, "prompt") == {"prompt": [{"role": "user", "content": "What is gout?"}]}
+
+
+def test_labelled_records_are_a_kind_of_the_shared_reader(tmp_path):
+    """KTO's unpaired feedback {prompt, completion|response|answer, label} is read by the same loader as every
+    other kind (it had a reader of its own in stages/kto.py), so `data validate` checks it too."""
+    from medgpt.data.formats import detect_format, record_kind, to_canonical
+    from medgpt.data.validate import load_records
+
+    obj = {"prompt": "Is 38.5 C a fever?", "response": "Yes, above 38 C is a fever.", "label": "TRUE",
+           "system": "You are a nurse."}
+    assert detect_format(obj) == "labelled"
+    rec = to_canonical(obj)
+    assert record_kind(rec) == "labelled" and rec["label"] is True
+    assert rec["prompt"] == [{"role": "system", "content": "You are a nurse."},
+                             {"role": "user", "content": "Is 38.5 C a fever?"}]
+    assert rec["completion"] == [{"role": "assistant", "content": "Yes, above 38 C is a fever."}]
+    path = tmp_path / "feedback.jsonl"
+    path.write_text(json.dumps(obj) + "\n" + json.dumps({**obj, "label": False}) + "\n", encoding="utf-8")
+    assert [r["label"] for r in load_records([str(path)], "labelled")] == [True, False]

@@ -21,12 +21,13 @@ import re
 from collections.abc import Callable
 from functools import partial
 
-FORMATS = ("text", "alpaca", "sharegpt", "openai", "qa", "preference", "prompt", "mcq")
+FORMATS = ("text", "alpaca", "sharegpt", "openai", "qa", "preference", "labelled", "prompt", "mcq")
 _KIND = {"text": "text", "alpaca": "chat", "sharegpt": "chat", "openai": "chat", "qa": "chat",
-         "preference": "preference", "prompt": "prompt", "mcq": "mcq"}
+         "preference": "preference", "labelled": "labelled", "prompt": "prompt", "mcq": "mcq"}
 SHAPES = {"text": "text records {text}",
           "chat": "chat records {messages} (or alpaca/sharegpt/openai/question-answer records)",
           "preference": "preference records {prompt, chosen, rejected}",
+          "labelled": "labelled records {prompt, completion, label: true|false} (KTO's unpaired feedback)",
           "prompt": "prompt records {prompt, answer?}",
           "mcq": "multiple-choice records {question, options, answer}"}
 # Which kinds a record can be turned into by `as_kind` (besides its own).
@@ -38,6 +39,7 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "human": "us
 # (question key, answer key) pairs of question-answer records, first match wins.
 QA_PAIRS = (("question", "answer"), ("问", "答"), ("prompt", "response"), ("prompt", "completion"),
             ("query", "response"), ("input", "output"))
+LABELLED_REPLIES = ("completion", "response", "answer")  # the answer a labelled record judges
 LETTERS = "ABCDEFGHIJ"
 CONVERSATION_KEYS = ("conversations", "conversation", "messages")
 
@@ -55,7 +57,7 @@ def kind_of(fmt: str) -> str:
 
 def record_kind(record: dict) -> str:
     """The kind of a canonical record, from its keys."""
-    for key, kind in (("messages", "chat"), ("chosen", "preference"), ("options", "mcq"),
+    for key, kind in (("messages", "chat"), ("chosen", "preference"), ("options", "mcq"), ("label", "labelled"),
                       ("prompt", "prompt"), ("text", "text")):
         if key in record:
             return kind
@@ -87,6 +89,8 @@ def detect_format(obj: dict) -> str | None:
         return None
     if (_has(obj, "chosen") and _has(obj, "rejected")) or _has(obj, "response_chosen"):
         return "preference"
+    if "label" in obj and any(_has(obj, k) for k in LABELLED_REPLIES):
+        return "labelled"
     for key in CONVERSATION_KEYS:
         turns = obj.get(key)
         if isinstance(turns, list):
@@ -372,6 +376,25 @@ def _mcq(obj: dict) -> dict:
     return record
 
 
+def _labelled(obj: dict) -> dict:
+    """{prompt, completion|response|answer, label, system?} -> {"prompt": messages, "completion": [assistant
+    message], "label": bool}: one answer judged desirable (true) or not (false), for KTO."""
+    label = obj.get("label")
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):  # CSV/TSV cells are strings
+        label = label.strip().lower() == "true"
+    if not isinstance(label, bool):
+        got = "it is missing" if label is None else f"got {label!r}"
+        raise RecordError(f"field 'label' must be true (a desirable answer) or false (an undesirable one); {got}")
+    reply = next((k for k in LABELLED_REPLIES if obj.get(k) is not None), None)
+    if reply is None:
+        raise RecordError("missing field 'completion' (or 'response' / 'answer'): the answer being labelled")
+    if obj.get("prompt") is None:
+        raise RecordError("missing field 'prompt' (map another column onto it with --data.columns prompt=NAME)")
+    messages = _qa({"prompt": obj["prompt"], "completion": obj[reply], "system": obj.get("system")})["messages"]
+    check_messages(messages)  # roles and turn order
+    return {"prompt": messages[:-1], "completion": messages[-1:], "label": label}
+
+
 _CONVERTERS: dict[str, Callable[[dict], dict]] = {
     "text": _text,
     "alpaca": _alpaca,
@@ -379,6 +402,7 @@ _CONVERTERS: dict[str, Callable[[dict], dict]] = {
     "openai": partial(_chat, keys=("messages",)),
     "qa": _qa,
     "preference": _preference,
+    "labelled": _labelled,
     "prompt": _prompt,
     "mcq": _mcq,
 }

@@ -38,7 +38,7 @@ from medgpt.utils import MedGPTError, log
 SNIFF = 20  # valid records looked at to decide a file's format
 SNIFF_MAX = 1000  # ...reading at most this many, so a file of garbage is not buffered whole
 FIX_FORMAT = "set --data.format or map columns with --data.columns"
-KINDS = ("text", "chat", "preference", "prompt", "mcq")
+KINDS = ("text", "chat", "preference", "labelled", "prompt", "mcq")
 
 
 @dataclass

@@ -36,7 +36,6 @@ from medgpt.config import arg, section
 from medgpt.utils import MedGPTError, log
 
 LOGGED = ("rewards/", "logps/", "logits/", "kl")  # TRL's per-step KTO metrics, kept in metrics.json
-REPLY_KEYS = ("completion", "response", "answer")
 UNPAIRED = "unpaired records {prompt, completion, label: true|false}"
 
 
@@ -72,79 +71,39 @@ class Config:
 
 
 def unpaired_example(obj: dict, columns: dict[str, str] | None = None) -> dict:
-    """One raw unpaired record -> {"prompt": messages, "completion": [assistant message], "label": bool}."""
-    from medgpt.data.formats import RecordError, apply_columns, to_canonical
+    """One raw labelled record -> {"prompt": messages, "completion": [assistant message], "label": bool} (the
+    shared reader's `labelled` format, data/formats.py)."""
+    from medgpt.data.formats import to_canonical
 
-    if not isinstance(obj, dict):
-        raise RecordError(f"a record must be an object, got {type(obj).__name__}")
-    obj = apply_columns(obj, columns)
-    label = obj.get("label")
-    if isinstance(label, str) and label.strip().lower() in ("true", "false"):  # CSV/TSV cells are strings
-        label = label.strip().lower() == "true"
-    if not isinstance(label, bool):
-        got = "it is missing" if label is None else f"got {label!r}"
-        raise RecordError(f"field 'label' must be true (a desirable answer) or false (an undesirable one); {got}")
-    reply = next((k for k in REPLY_KEYS if obj.get(k) is not None), None)
-    if reply is None:
-        raise RecordError("missing field 'completion' (or 'response' / 'answer'): the answer being labelled")
-    if obj.get("prompt") is None:
-        raise RecordError("missing field 'prompt' (map another column onto it with --data.columns prompt=NAME)")
-    qa = {"prompt": obj["prompt"], "completion": obj[reply], "system": obj.get("system")}
-    messages = to_canonical(qa, "qa")["messages"]  # checks roles and turn order
-    return {"prompt": messages[:-1], "completion": messages[-1:], "label": label}
-
-
-def _has_label(path: str, data: DataArgs) -> bool:
-    from medgpt.data.readers import iter_raw
-
-    first = next((raw.obj for raw in iter_raw(path, data.encoding, data.text_mode) if raw.obj is not None), None)
-    return isinstance(first, dict) and "label" in first
-
-
-def _read_unpaired(paths: list[str], data: DataArgs) -> tuple[list[list[dict]], int]:
-    """Unpaired examples, and how many invalid records were skipped (see validate.tolerate)."""
-    from medgpt.data.formats import RecordError
-    from medgpt.data.readers import iter_records
-    from medgpt.data.validate import tolerate
-
-    units, problems, n_read = [], [], 0
-    for raw in iter_records(paths, data.encoding, data.text_mode):
-        if data.max_samples is not None and len(units) >= data.max_samples:
-            break
-        if raw.fatal:  # the rest of the file is unreadable: never skipped as one bad record
-            raise MedGPTError(f"{raw.file}:{raw.line}: {raw.error}")
-        n_read += 1
-        try:
-            if raw.error is not None:
-                raise RecordError(raw.error)
-            units.append([unpaired_example(raw.obj, data.columns)])
-        except RecordError as e:
-            problems.append(f"{raw.file}:{raw.line}: {e}")
-    tolerate(problems, len(problems), n_read, data.max_invalid, paths,
-             hint=f"kto reads files with a `label` key as {UNPAIRED}.")
-    return units, len(problems)
+    return to_canonical(obj, "labelled", columns)
 
 
 def load_units(specs: list[str], data: DataArgs) -> tuple[list[list[dict]], int]:
-    """KTO examples grouped by source record: [pair's chosen, pair's rejected] or [one unpaired example]; and
-    how many invalid records were skipped."""
+    """KTO examples grouped by source record: [pair's chosen, pair's rejected] or [one labelled example]; and
+    how many invalid records were skipped. Each file is read by the shared loader in its own format."""
+    from medgpt.data.formats import record_kind
     from medgpt.data.readers import expand_paths
     from medgpt.data.validate import load_tolerant
 
     if data.lang != "all":
         raise MedGPTError("kto does not filter by --data.lang yet: leave it at all, or filter the files first.")
-    paths = expand_paths(specs)
-    labelled = [p for p in paths if _has_label(p, data)]
-    pairs = [p for p in paths if p not in labelled]
-    units, invalid = _read_unpaired(labelled, data) if labelled else ([], 0)
-    if pairs:
-        records, skipped = load_tolerant(pairs, "preference", format=data.format, columns=data.columns,
+    units, invalid = [], 0
+    for path in expand_paths(specs):
+        records, skipped = load_tolerant([path], None, format=data.format, columns=data.columns,
                                          encoding=data.encoding, text_mode=data.text_mode,
                                          max_samples=data.max_samples, max_invalid=data.max_invalid,
-                                         purpose=f"kto (which also reads {UNPAIRED})")
+                                         purpose=f"kto (preference records or {UNPAIRED})")
         invalid += skipped
-        units += [[{"prompt": r["prompt"], "completion": r["chosen"], "label": True},
-                   {"prompt": r["prompt"], "completion": r["rejected"], "label": False}] for r in records]
+        for r in records:
+            kind = record_kind(r)
+            if kind == "preference":
+                units.append([{"prompt": r["prompt"], "completion": r["chosen"], "label": True},
+                              {"prompt": r["prompt"], "completion": r["rejected"], "label": False}])
+            elif kind == "labelled":
+                units.append([r])
+            else:
+                raise MedGPTError(f"{path} holds {kind} records; kto trains on preference records {{prompt, "
+                                  f"chosen, rejected}} or {UNPAIRED}.")
     return (units[:data.max_samples] if data.max_samples is not None else units), invalid
 
 

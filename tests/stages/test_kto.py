@@ -97,13 +97,13 @@ def test_balanced_weights():
 
 
 @pytest.mark.parametrize("bad, needle", [
-    ({"prompt": "Hi?", "completion": "Hello."}, "feedback.jsonl:2: field 'label' must be true"),
+    ({"prompt": "Hi?", "completion": "Hello."}, "feedback.jsonl:4: field 'label' must be true"),
     ({"prompt": "Hi?", "completion": "Hello.", "label": 1},
-     "feedback.jsonl:2: field 'label' must be true (a desirable answer) or false (an undesirable one); got 1"),
-    ({"prompt": "Hi?", "label": True}, "feedback.jsonl:2: missing field 'completion'"),
+     "feedback.jsonl:4: field 'label' must be true (a desirable answer) or false (an undesirable one); got 1"),
+    ({"prompt": "Hi?", "label": True}, "feedback.jsonl:4: missing field 'completion'"),
 ])
 def test_bad_unpaired_records_name_the_line(bad, needle, tiny_llama, tmp_path, capsys):
-    data = write_jsonl(tmp_path / "feedback.jsonl", [UNPAIRED[0], bad])
+    data = write_jsonl(tmp_path / "feedback.jsonl", [*UNPAIRED[:3], bad])  # the file reads as labelled records
     code = main(["kto", "--model.name_or_path", str(tiny_llama), "--data.train_files", data,
                  "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
