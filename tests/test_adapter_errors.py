@@ -84,7 +84,11 @@ def test_full_finetune_merges_the_adapter_and_trains_every_weight(tiny_llama, lo
 
 
 STAGES = {"sft": DEMO / "sft_alpaca.json", "dpo": DEMO / "preference.jsonl", "kto": DEMO / "preference.jsonl",
-          "orpo": DEMO / "preference.jsonl", "simpo": DEMO / "preference.jsonl", "pt": DEMO / "pretrain_en.txt"}
+          "orpo": DEMO / "preference.jsonl", "simpo": DEMO / "preference.jsonl", "pt": DEMO / "pretrain_en.txt",
+          "grpo": FIXTURES / "prompt.jsonl", "rloo": FIXTURES / "prompt.jsonl", "rm": DEMO / "preference.jsonl"}
+# After QUICK so these win: one group of 4 short completions per step, a rule reward.
+RL = {s: [f"--{s}.num_generations", "4", f"--{s}.max_completion_length", "4", "--train.batch_size", "4",
+          "--reward.functions", "length"] for s in ("grpo", "rloo")}
 
 
 @pytest.mark.parametrize("ft", ["full", "lora"])
@@ -98,7 +102,7 @@ def test_adapter_rule_is_the_same_in_every_stage(stage, ft, tiny_llama, lora_dir
     code = main([str(a) for a in [stage, "--model.name_or_path", tiny_llama, "--model.adapter", lora_dir,
                                   "--finetune.type", ft, "--data.train_files", STAGES[stage],
                                   *(["--template", "chatml"] if stage != "pt" else []), "--output_dir", out, *QUICK,
-                                  *(["--train.learning_rate", "0.01"] if ft == "lora" else [])]])
+                                  *(["--train.learning_rate", "0.01"] if ft == "lora" else []), *RL.get(stage, [])]])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     if ft == "full":
