@@ -11,10 +11,11 @@ from functools import partial
 import pytest
 import torch
 
-import medgpt.train.preference as P
+import medgpt.data.pairs as P
+from medgpt.data.pairs import encode_pair, encode_response, preference_dataset
 from medgpt.data.templates import IGNORE_INDEX, encode, encode_prompt
 from medgpt.train.losses import orpo_loss, sequence_logps
-from medgpt.train.preference import PreferenceCollator, encode_pair, encode_response, preference_dataset
+from medgpt.train.preference import PreferenceCollator
 from medgpt.utils import MedGPTError
 
 

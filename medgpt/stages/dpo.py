@@ -94,31 +94,6 @@ def losses(d: DPOArgs) -> tuple[list[str], list[float]]:
     return types, weights
 
 
-def pairs_dataset(records: list[dict], template, tokenizer, max_length: int, max_prompt_length: int | None,
-                  what: str = "train"):
-    """Preference records -> Dataset(prompt, chosen, rejected) of messages whose prompt fits (see fit_prompt)."""
-    from datasets import Dataset
-
-    from medgpt.data.prepare import fit_pair, fit_records
-
-    for i, rec in enumerate(records, 1):
-        if len(rec["chosen"]) != 1 or len(rec["rejected"]) != 1:
-            raise MedGPTError(f"{what} pair {i}: chosen and rejected must each be one assistant reply, got "
-                              f"{len(rec['chosen'])} and {len(rec['rejected'])} messages. Put earlier turns "
-                              f"in the prompt.")
-
-    def fit(rec):
-        prompt, shortened = fit_pair(rec, template, tokenizer, max_length, max_prompt_length)
-        row = {"prompt": prompt, "chosen": rec["chosen"], "rejected": rec["rejected"]} if prompt is not None else None
-        return row, shortened
-
-    limits = f"--train.max_length {max_length}" + (f" / --dpo.max_prompt_length {max_prompt_length}"
-                                                   if max_prompt_length else "")
-    rows = fit_records(records, fit, what=what, unit="pairs", limits=limits)
-    log(f"{what}: {len(rows)} preference pairs")
-    return Dataset.from_list(rows)
-
-
 def last_logged(history: list[dict], prefixes: tuple[str, ...] = LOGGED) -> dict[str, float]:
     """The most recent training value of each TRL metric that starts with one of `prefixes`."""
     return {k: v for h in history for k, v in h.items() if k.startswith(prefixes)}
@@ -126,6 +101,7 @@ def last_logged(history: list[dict], prefixes: tuple[str, ...] = LOGGED) -> dict
 
 def run(cfg: Config) -> int:
     """Direct preference optimization on preference pairs (TRL DPOTrainer)."""
+    from medgpt.data.pairs import message_pairs_dataset
     from medgpt.data.templates import apply_template, get_template_for
     from medgpt.data.validate import load_splits
     from medgpt.model.load import load_model, load_reference, load_tokenizer
@@ -142,8 +118,8 @@ def run(cfg: Config) -> int:
     # TRL renders conversations with tokenizer.chat_template: ours, so training sees exactly the inference format.
     apply_template(tokenizer, template)
     fit = (template, tokenizer, cfg.train.max_length, cfg.dpo.max_prompt_length)
-    train_ds = pairs_dataset(train_records, *fit, "train")
-    eval_ds = pairs_dataset(eval_records, *fit, "eval") if eval_records else None
+    train_ds = message_pairs_dataset(train_records, *fit, "train")
+    eval_ds = message_pairs_dataset(eval_records, *fit, "eval") if eval_records else None
 
     model = load_model(cfg.model, cfg.finetune, gradient_checkpointing=cfg.train.gradient_checkpointing)
     R.log_parameters(model)
@@ -154,7 +130,7 @@ def run(cfg: Config) -> int:
 
     args = DPOConfig(
         **R.trainer_kwargs(cfg.train, out, has_eval=eval_ds is not None),
-        max_length=cfg.train.max_length,  # a no-op safety: pairs_dataset already made every pair fit
+        max_length=cfg.train.max_length,  # a no-op safety: message_pairs_dataset already made every pair fit
         beta=cfg.dpo.beta,
         loss_type=loss_types,
         loss_weights=loss_weights,

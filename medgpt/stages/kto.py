@@ -129,25 +129,6 @@ def load_examples(data: DataArgs, seed: int) -> tuple[list[dict], list[dict], in
     return train_examples, eval_examples, invalid
 
 
-def examples_dataset(examples: list[dict], template, tokenizer, max_length: int, max_prompt_length: int | None,
-                     what: str = "train"):
-    """KTO examples -> Dataset(prompt, completion, label) whose prompts fit (see fit_prompt)."""
-    from datasets import Dataset
-
-    from medgpt.data.prepare import fit_pair, fit_records
-
-    def fit(ex):
-        prompt, shortened = fit_pair(ex, template, tokenizer, max_length, max_prompt_length, ("completion",))
-        return ({**ex, "prompt": prompt} if prompt is not None else None), shortened
-
-    limits = f"--train.max_length {max_length}" + (f" / --kto.max_prompt_length {max_prompt_length}"
-                                                   if max_prompt_length else "")
-    rows = fit_records(examples, fit, what=what, unit="examples", limits=limits)
-    n_good = sum(r["label"] for r in rows)
-    log(f"{what}: {len(rows)} examples, {n_good} desirable, {len(rows) - n_good} undesirable")
-    return Dataset.from_list(rows)
-
-
 def balanced_weights(n_desirable: int, n_undesirable: int, desirable: float | None = None,
                      undesirable: float | None = None) -> tuple[float, float]:
     """(λ_D, λ_U): given values kept, unset ones chosen so λ_D·n_D / (λ_U·n_U) is in [1, 4/3] (KTO paper, Eq. 8).
@@ -183,6 +164,7 @@ def _weights(k: KTOArgs, labels: list[bool]) -> tuple[float, float]:
 
 def run(cfg: Config) -> int:
     """KTO on desirable/undesirable examples (TRL KTOTrainer)."""
+    from medgpt.data.pairs import labelled_dataset
     from medgpt.data.templates import apply_template, get_template_for
     from medgpt.model.load import load_model, load_reference, load_tokenizer
     from medgpt.train import run as R
@@ -200,8 +182,8 @@ def run(cfg: Config) -> int:
     # TRL renders conversations with tokenizer.chat_template: ours, so training sees exactly the inference format.
     apply_template(tokenizer, template)
     fit = (template, tokenizer, cfg.train.max_length, cfg.kto.max_prompt_length)
-    train_ds = examples_dataset(train_examples, *fit, "train")
-    eval_ds = examples_dataset(eval_examples, *fit, "eval") if eval_examples else None
+    train_ds = labelled_dataset(train_examples, *fit, "train")
+    eval_ds = labelled_dataset(eval_examples, *fit, "eval") if eval_examples else None
     desirable_weight, undesirable_weight = _weights(cfg.kto, train_ds["label"])
 
     model = load_model(cfg.model, cfg.finetune, gradient_checkpointing=cfg.train.gradient_checkpointing)
@@ -212,7 +194,7 @@ def run(cfg: Config) -> int:
 
     args = KTOConfig(
         **R.trainer_kwargs(cfg.train, out, has_eval=eval_ds is not None),
-        max_length=cfg.train.max_length,  # a no-op safety: examples_dataset already made every example fit
+        max_length=cfg.train.max_length,  # a no-op safety: labelled_dataset already made every example fit
         beta=cfg.kto.beta,
         loss_type=cfg.kto.loss_type,
         desirable_weight=desirable_weight,

@@ -53,8 +53,9 @@ def run(cfg: Config) -> int:
     train_records, eval_records, invalid = load_splits(cfg.data, "preference", purpose="orpo", seed=cfg.train.seed)
     from transformers import TrainingArguments
 
+    from medgpt.data.pairs import preference_dataset
     from medgpt.train.losses import orpo_loss
-    from medgpt.train.preference import PreferenceCollator, PreferenceTrainer, preference_dataset
+    from medgpt.train.preference import PreferenceCollator, PreferenceTrainer
 
     out = R.start(cfg)
     tokenizer = load_tokenizer(cfg.model)

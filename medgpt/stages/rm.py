@@ -54,43 +54,6 @@ class Config:
     resume: bool = arg(False, "Continue from the last complete checkpoint in output_dir.")
 
 
-def scored_ids(messages: list[dict], template, tokenizer) -> list[int] | None:
-    """The ids a reward model scores for a conversation ending with an assistant reply: everything up to and
-    including that reply's end-of-turn token (the template's separator after it is not generated, so not scored).
-    None when the conversation has no trained reply."""
-    from medgpt.data.templates import IGNORE_INDEX, encode
-
-    enc = encode(messages, template, tokenizer)
-    if enc is None:
-        return None
-    last = max(i for i, label in enumerate(enc.labels) if label != IGNORE_INDEX)
-    return enc.input_ids[:last + 1]
-
-
-def pairs_dataset(records: list[dict], template, tokenizer, max_length: int, what: str = "train"):
-    """Preference records -> Dataset(chosen_ids, rejected_ids), the pre-tokenized form RewardTrainer takes as is.
-
-    Too long for max_length: the prompt loses its oldest exchanges (`fit_prompt`; replies are never cut, the
-    reward is read at their end-of-turn token); a pair that still does not fit is dropped and counted."""
-    from datasets import Dataset
-
-    from medgpt.data.prepare import fit_pair, fit_records
-
-    def fit(rec):
-        prompt, shortened = fit_pair(rec, template, tokenizer, max_length)
-        if prompt is None:
-            return None, False
-        chosen = scored_ids(prompt + rec["chosen"], template, tokenizer)
-        rejected = scored_ids(prompt + rec["rejected"], template, tokenizer)
-        ok = chosen is not None and rejected is not None
-        return ({"chosen_ids": chosen, "rejected_ids": rejected} if ok else None), shortened
-
-    rows = fit_records(records, fit, what=what, unit="pairs", limits=f"--train.max_length {max_length}")
-    n_tokens = sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
-    log(f"{what}: {len(rows)} pairs, {n_tokens:,} tokens")
-    return Dataset.from_list(rows)
-
-
 def pairwise_accuracy(trainer) -> float:
     """Exact fraction of eval pairs where the chosen reply gets the higher reward (gathered across processes)."""
     import torch
@@ -109,6 +72,7 @@ def pairwise_accuracy(trainer) -> float:
 
 def run(cfg: Config) -> int:
     """Train a pairwise (Bradley-Terry) reward model on preference pairs."""
+    from medgpt.data.pairs import reward_pairs_dataset
     from medgpt.data.templates import apply_template, get_template_for
     from medgpt.data.validate import load_splits
     from medgpt.model.load import load_model, load_tokenizer
@@ -121,8 +85,8 @@ def run(cfg: Config) -> int:
     out = R.start(cfg)
     tokenizer = load_tokenizer(cfg.model)
     template = get_template_for(cfg.template, tokenizer)
-    train_ds = pairs_dataset(train_records, template, tokenizer, cfg.train.max_length, "train")
-    eval_ds = pairs_dataset(eval_records, template, tokenizer, cfg.train.max_length, "eval") if eval_records else None
+    train_ds = reward_pairs_dataset(train_records, template, tokenizer, cfg.train.max_length, "train")
+    eval_ds = reward_pairs_dataset(eval_records, template, tokenizer, cfg.train.max_length, "eval") if eval_records else None
 
     model = load_model(cfg.model, cfg.finetune, task="seq_cls", gradient_checkpointing=cfg.train.gradient_checkpointing)
     # The reward is read at the last non-pad token; the saved config must name the pad the tokenizer uses. (When
@@ -133,7 +97,7 @@ def run(cfg: Config) -> int:
 
     args = RewardConfig(
         **R.trainer_kwargs(cfg.train, out, has_eval=eval_ds is not None),
-        max_length=None,  # pairs_dataset already fitted every pair (and counted the drops)
+        max_length=None,  # reward_pairs_dataset already fitted every pair (and counted the drops)
         center_rewards_coefficient=cfg.rm.center_rewards_coefficient,
         dataset_num_proc=None,
     )

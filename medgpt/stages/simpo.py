@@ -83,7 +83,8 @@ def run(cfg: Config) -> int:
     train_records, eval_records, invalid = load_splits(cfg.data, "preference", purpose="simpo", seed=cfg.train.seed)
     from transformers import TrainingArguments
 
-    from medgpt.train.preference import PreferenceCollator, PreferenceTrainer, preference_dataset
+    from medgpt.data.pairs import preference_dataset
+    from medgpt.train.preference import PreferenceCollator, PreferenceTrainer
 
     out = R.start(cfg)
     tokenizer = load_tokenizer(cfg.model)

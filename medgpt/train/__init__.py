@@ -2,7 +2,7 @@
 
 run.py         the run lifecycle every trainer stage shares: output dir, seed, logging, checkpoints, resume, artifacts
 ppo.py         our PPO trainer (TRL dropped it): rollouts, GAE, clipped policy and value losses
-preference.py  pair encoding and the trainer of ORPO and SimPO (reference-free preference losses)
+preference.py  the trainer of ORPO and SimPO (reference-free preference losses; rows from data/pairs.py)
 rewards.py     the reward model wrapper and the rule rewards of grpo/rloo/ppo
 losses.py      the pure loss functions (ORPO, SimPO, PPO pieces), checked against hand-computed values
 """

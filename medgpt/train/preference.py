@@ -1,16 +1,9 @@
-"""Shared pieces of the reference-free preference stages (`medgpt orpo`, `medgpt simpo`): pair tokenization, the
-collator and a small `transformers.Trainer` whose loss is an injected pure function from `medgpt.train.losses`.
+"""The trainer of the reference-free preference stages (`medgpt orpo`, `medgpt simpo`): the collator and a small
+`transformers.Trainer` whose loss is an injected pure function from `medgpt.train.losses`. The rows come from
+`medgpt.data.pairs.preference_dataset` (only the final reply trains; prompts fitted by the shared rule).
 
-    preference_dataset(records, template, tokenizer, max_length)  -> Dataset(chosen_/rejected_ input_ids, labels)
     PreferenceCollator(pad_id)                                     -> batch of 2B rows: chosen rows, then rejected
     PreferenceTrainer(..., loss_fn=partial(orpo_loss, beta=0.1))   -> one forward pass over both halves
-
-Labels: only the final reply (with its end-of-turn token) trains. Earlier assistant turns of a multi-turn prompt
-are context, not targets: everything before `encode_prompt(prompt)` is -100.
-
-Too long for --train.max_length: whole exchanges are dropped from the *start* of the prompt (the system message
-stays) until the pair fits; a pair whose last user turn plus reply still does not fit is dropped and counted.
-(`encode`'s own truncation drops turns from the end, which here would cut away the reply being compared.)
 """
 
 from __future__ import annotations
@@ -22,72 +15,10 @@ from typing import Callable
 import torch
 from transformers import Trainer
 
-from medgpt.data.prepare import fit_pair, fit_records
-from medgpt.data.templates import IGNORE_INDEX, encode, encode_prompt
+from medgpt.data.templates import IGNORE_INDEX
 from medgpt.train.losses import sequence_logps
-from medgpt.utils import MedGPTError, log
 
 # ------------------------------------------------------------------------------------------------ tokenization
-
-
-def _runs(labels: list[int]) -> int:
-    """Number of contiguous trained stretches (one per assistant turn: role headers between turns never train)."""
-    return sum(1 for i, x in enumerate(labels) if x != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX))
-
-
-def encode_response(prompt: list[dict], response: list[dict], template, tokenizer) -> tuple[list, list] | None:
-    """ids, labels of prompt + response where only the response trains; None if nothing of it trains.
-
-    The prompt's ids (rendered with the generation prompt) are normally an exact prefix of the full ids. If BPE
-    merges across the prompt/reply boundary they are not: we then mask the common prefix only; the merged token
-    starts inside the prompt, so `encode` already leaves it untrained. Either way the result must have exactly
-    one trained stretch per response turn; a template that renders the prompt differently once a reply follows
-    (so earlier turns would leak into the loss) is refused.
-    """
-    enc = encode(prompt + response, template, tokenizer)  # no max_length: see the module docstring
-    if enc is None:
-        return None
-    prompt_ids = encode_prompt(prompt, template, tokenizer)
-    n = 0
-    for a, b in zip(prompt_ids, enc.input_ids):
-        if a != b:
-            break
-        n += 1
-    labels = [IGNORE_INDEX] * n + enc.labels[n:]
-    if _runs(labels) == 0:
-        return None
-    if _runs(labels) != sum(m["role"] == "assistant" for m in response):
-        raise MedGPTError(
-            "This chat template renders a prompt differently once a reply follows it (the prompt's tokens are not "
-            "a prefix of prompt + reply), so the reply to train on cannot be located. Pick a named template with "
-            "--template NAME (e.g. chatml) instead of the tokenizer's own.")
-    return enc.input_ids, labels
-
-
-def encode_pair(record: dict, template, tokenizer, max_length: int) -> tuple[dict | None, bool]:
-    """(row, shortened): the tokenized pair, or None if it cannot fit; shortened if prompt turns were dropped.
-
-    Too long: the prompt loses its oldest exchanges first (`fit_prompt`, the rule every preference stage uses)."""
-    prompt, shortened = fit_pair(record, template, tokenizer, max_length)
-    if prompt is None:
-        return None, False
-    chosen = encode_response(prompt, record["chosen"], template, tokenizer)
-    rejected = encode_response(prompt, record["rejected"], template, tokenizer)
-    if chosen is None or rejected is None:
-        return None, False  # a reply with nothing to train (cannot happen with a well-formed record)
-    return {"chosen_input_ids": chosen[0], "chosen_labels": chosen[1],
-            "rejected_input_ids": rejected[0], "rejected_labels": rejected[1]}, shortened
-
-
-def preference_dataset(records: list[dict], template, tokenizer, max_length: int, what: str = "train"):
-    """Preference records -> Dataset(chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels)."""
-    from datasets import Dataset
-
-    rows = fit_records(records, lambda rec: encode_pair(rec, template, tokenizer, max_length), what=what,
-                       unit="pairs", limits=f"--train.max_length {max_length}")
-    n_tokens = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
-    log(f"{what}: {len(rows)} preference pairs, {n_tokens:,} tokens (chosen + rejected)")
-    return Dataset.from_list(rows)
 
 
 @dataclass

@@ -39,7 +39,8 @@ def fit_margin(model_dir, tokenizer_dir, tmp_path, loss_fn, steps=20):
     """eval rewards/margins on 4 fixed pairs before and after `steps` full fine-tuning steps on them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-    from medgpt.train.preference import PreferenceCollator, PreferenceTrainer, preference_dataset
+    from medgpt.data.pairs import preference_dataset
+    from medgpt.train.preference import PreferenceCollator, PreferenceTrainer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     records = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],

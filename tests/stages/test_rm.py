@@ -17,7 +17,7 @@ def rewards(model, tokenizer, records) -> list[tuple[float, float]]:
     """(chosen, rejected) rewards of each record, scored one sequence at a time (no padding involved)."""
     import torch
 
-    from medgpt.stages.rm import scored_ids
+    from medgpt.data.pairs import scored_ids
 
     out = []
     with torch.no_grad():
@@ -76,8 +76,8 @@ def test_rm_lora_adapter_loads_through_peft(arch, request, tmp_path, tracked):
 
 def test_scored_ids_end_at_the_end_of_turn(tokenizer):
     """The reward model scores what the policy emits: our template's rendering, up to the reply's <|im_end|>."""
+    from medgpt.data.pairs import scored_ids
     from medgpt.data.templates import apply_template
-    from medgpt.stages.rm import scored_ids
 
     rec = json.loads(PAIRS.read_text(encoding="utf-8").splitlines()[0])
     messages = [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["chosen"]}]
@@ -89,9 +89,9 @@ def test_scored_ids_end_at_the_end_of_turn(tokenizer):
 
 
 def test_long_prompt_loses_oldest_turns_not_the_reply(tokenizer):
+    from medgpt.data.pairs import reward_pairs_dataset as pairs_dataset
     from medgpt.data.templates import encode
     from medgpt.data.validate import load_records
-    from medgpt.stages.rm import pairs_dataset
 
     rec = load_records([str(PAIRS)], "preference")[1]  # system, user, assistant, user -> reply
     full = max(len(encode(rec["prompt"] + rec[side], "chatml", tokenizer).input_ids) for side in ("chosen", "rejected"))
