@@ -5,4 +5,5 @@ ppo.py         our PPO trainer (TRL dropped it): rollouts, GAE, clipped policy a
 preference.py  the trainer of ORPO and SimPO (reference-free preference losses; rows from data/pairs.py)
 rewards.py     the reward model wrapper and the rule rewards of grpo/rloo/ppo
 losses.py      the pure loss functions (ORPO, SimPO, PPO pieces), checked against hand-computed values
+checkpoint.py  the checkpoint and loop kit of our own loops (pretrain, ppo): checkpoint-N, RNGs, rotation, resume
 """
