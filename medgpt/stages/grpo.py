@@ -9,10 +9,7 @@ sources (`--reward.model` and/or `--reward.functions`, weighted by `--reward.wei
 reward relative to the group's mean (scaled by the group's std). No value model. `--grpo.beta` adds a KL penalty
 toward the starting policy.
 
-Recipe: validate data (prompt records; preference and chat data become prompts, `answer` is kept for
-answer_match) -> check rewards and batch shape -> tokenizer + template (TRL renders prompts with the tokenizer's
-chat template, which `apply_template` makes ours) -> prompts that fit -> reward sources -> policy (+LoRA) -> TRL
-GRPOTrainer (generation with transformers; no vLLM) -> save.
+Recipe: medgpt.train.online.run_group_rl (shared with rloo).
 
 Batch shape: --train.batch_size counts *completions*. The completions of one optimizer step (batch_size x
 gradient_accumulation_steps x processes) must hold whole groups, i.e. be a multiple of --grpo.num_generations;
@@ -69,61 +66,11 @@ class Config:
 
 def run(cfg: Config) -> int:
     """Online RL with group-relative advantages (TRL GRPOTrainer)."""
-    from medgpt.data.prepare import prompt_dataset
-    from medgpt.data.templates import apply_template, get_template_for, stop_token_ids
-    from medgpt.data.validate import load_splits
-    from medgpt.model.load import load_model, load_tokenizer
-    from medgpt.train import run as R
-    from medgpt.train.rewards import build_rewards, check_groups, check_rewards
-
-    # Data, rewards and batch shape first: a bad file, a typo in a reward name or a batch that cannot hold
-    # whole groups fails in seconds, before any model loads.
-    train_records, eval_records, invalid = load_splits(cfg.data, "prompt", purpose="grpo", seed=cfg.train.seed)
-    check_rewards(cfg.reward, train_records)
-    check_groups(cfg.train, "grpo", cfg.grpo.num_generations, cfg.grpo.max_completion_length,
-                 has_eval=bool(eval_records),
-                 why_two="GRPO compares replies within a group, so it needs at least 2"
-                         " (4-16 is usual).",
-                 why_together="are scored as one group")
     from trl import GRPOConfig, GRPOTrainer
 
-    out = R.start(cfg)
-    tokenizer = load_tokenizer(cfg.model)
-    template = get_template_for(cfg.template, tokenizer)
-    apply_template(tokenizer, template)  # TRL renders prompts with the tokenizer's template: make it exactly ours
-    max_prompt = cfg.train.max_length - cfg.grpo.max_completion_length
-    train_ds = prompt_dataset(train_records, template, tokenizer, max_prompt, "train")
-    eval_ds = prompt_dataset(eval_records, template, tokenizer, max_prompt, "eval") if eval_records else None
-    reward_funcs, reward_weights = build_rewards(cfg.reward, template=template, max_length=cfg.train.max_length)
+    from medgpt.train.online import run_group_rl
 
-    model = load_model(cfg.model, cfg.finetune, gradient_checkpointing=cfg.train.gradient_checkpointing)
-    # Replies end at the template's end-of-turn token (<|im_end|>, ...), not only at the tokenizer's eos; TRL
-    # stops generation at every eos id the model's generation config declares.
-    model.generation_config.eos_token_id = stop_token_ids(template, tokenizer)
-    R.log_parameters(model)
-
-    args = GRPOConfig(
-        **R.trainer_kwargs(cfg.train, out, has_eval=eval_ds is not None),
-        num_generations=cfg.grpo.num_generations,
-        max_completion_length=cfg.grpo.max_completion_length,
-        beta=cfg.grpo.beta,
-        temperature=cfg.grpo.temperature,
-        top_p=cfg.grpo.top_p,
-        epsilon=cfg.grpo.epsilon,
-        epsilon_high=cfg.grpo.epsilon_high,
-        loss_type=cfg.grpo.loss_type,
-        scale_rewards=cfg.grpo.scale_rewards,
-        num_iterations=cfg.grpo.num_iterations,
-        mask_truncated_completions=cfg.grpo.mask_truncated_completions,
-        reward_weights=reward_weights,
-        use_vllm=False,
-    )
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_ds,
-                          eval_dataset=eval_ds, processing_class=tokenizer, callbacks=[R.checkpoint_callback()])
-    result = R.train(trainer, cfg, out)
-    metrics = dict(result.metrics)
-    if eval_ds is not None:
-        metrics.update(trainer.evaluate())
-    metrics["invalid_records"] = invalid  # skipped by load_splits (--data.max_invalid)
-    R.save_artifacts(trainer, tokenizer, out, metrics)
-    return 0
+    return run_group_rl(cfg, "grpo", GRPOConfig, GRPOTrainer,
+                        dict(loss_type=cfg.grpo.loss_type, scale_rewards=cfg.grpo.scale_rewards),
+                        why_two="GRPO compares replies within a group, so it needs at least 2 (4-16 is usual).",
+                        why_together="are scored as one group")

@@ -9,10 +9,7 @@ For each prompt the policy samples `num_generations` replies (k); every reply is
 minus the mean reward of the other k-1 replies to the same prompt: an unbiased baseline without a value model.
 `--rloo.beta` subtracts beta x (summed log-ratio to the starting policy) from each reward, as in the paper.
 
-Recipe: validate data (prompt records; preference and chat data become prompts, `answer` is kept for
-answer_match) -> check rewards and batch shape -> tokenizer + template (TRL renders prompts with the tokenizer's
-chat template, which `apply_template` makes ours) -> prompts that fit -> reward sources -> policy (+LoRA) -> TRL
-RLOOTrainer (generation with transformers; no vLLM) -> save.
+Recipe: medgpt.train.online.run_group_rl (shared with grpo).
 
 Batch shape: --train.batch_size counts *completions*. The completions of one optimizer step (batch_size x
 gradient_accumulation_steps x processes) must hold whole groups, i.e. be a multiple of --rloo.num_generations.
@@ -63,60 +60,12 @@ class Config:
 
 def run(cfg: Config) -> int:
     """Online RL with leave-one-out baselines (TRL RLOOTrainer)."""
-    from medgpt.data.prepare import prompt_dataset
-    from medgpt.data.templates import apply_template, get_template_for, stop_token_ids
-    from medgpt.data.validate import load_splits
-    from medgpt.model.load import load_model, load_tokenizer
-    from medgpt.train import run as R
-    from medgpt.train.rewards import build_rewards, check_groups, check_rewards
-
-    # Data, rewards and batch shape first: a bad file, a typo in a reward name or a batch that cannot hold
-    # whole groups fails in seconds, before any model loads.
-    train_records, eval_records, invalid = load_splits(cfg.data, "prompt", purpose="rloo", seed=cfg.train.seed)
-    check_rewards(cfg.reward, train_records)
-    check_groups(cfg.train, "rloo", cfg.rloo.num_generations, cfg.rloo.max_completion_length,
-                 has_eval=bool(eval_records),
-                 why_two="the leave-one-out baseline of a reply is the mean reward of "
-                         "the other replies to its prompt, so RLOO needs at least 2 (4 is usual).",
-                 why_together="are baselines for one another")
     from trl import RLOOConfig, RLOOTrainer
 
-    out = R.start(cfg)
-    tokenizer = load_tokenizer(cfg.model)
-    template = get_template_for(cfg.template, tokenizer)
-    apply_template(tokenizer, template)  # TRL renders prompts with the tokenizer's template: make it exactly ours
-    max_prompt = cfg.train.max_length - cfg.rloo.max_completion_length
-    train_ds = prompt_dataset(train_records, template, tokenizer, max_prompt, "train")
-    eval_ds = prompt_dataset(eval_records, template, tokenizer, max_prompt, "eval") if eval_records else None
-    reward_funcs, reward_weights = build_rewards(cfg.reward, template=template, max_length=cfg.train.max_length)
+    from medgpt.train.online import run_group_rl
 
-    model = load_model(cfg.model, cfg.finetune, gradient_checkpointing=cfg.train.gradient_checkpointing)
-    # Replies end at the template's end-of-turn token (<|im_end|>, ...), not only at the tokenizer's eos; TRL
-    # stops generation at every eos id the model's generation config declares.
-    model.generation_config.eos_token_id = stop_token_ids(template, tokenizer)
-    R.log_parameters(model)
-
-    args = RLOOConfig(
-        **R.trainer_kwargs(cfg.train, out, has_eval=eval_ds is not None),
-        num_generations=cfg.rloo.num_generations,
-        max_completion_length=cfg.rloo.max_completion_length,
-        beta=cfg.rloo.beta,
-        temperature=cfg.rloo.temperature,
-        top_p=cfg.rloo.top_p,
-        epsilon=cfg.rloo.epsilon,
-        epsilon_high=cfg.rloo.epsilon_high,
-        normalize_advantages=cfg.rloo.normalize_advantages,
-        num_iterations=cfg.rloo.num_iterations,
-        mask_truncated_completions=cfg.rloo.mask_truncated_completions,
-        reward_weights=reward_weights,
-        use_vllm=False,
-    )
-    trainer = RLOOTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_ds,
-                          eval_dataset=eval_ds, processing_class=tokenizer, callbacks=[R.checkpoint_callback()])
-    result = R.train(trainer, cfg, out)
-    metrics = dict(result.metrics)
-    if eval_ds is not None:
-        metrics.update(trainer.evaluate())
-    metrics["invalid_records"] = invalid  # skipped by load_splits (--data.max_invalid)
-    R.save_artifacts(trainer, tokenizer, out, metrics)
-    return 0
+    return run_group_rl(cfg, "rloo", RLOOConfig, RLOOTrainer,
+                        dict(normalize_advantages=cfg.rloo.normalize_advantages),
+                        why_two="the leave-one-out baseline of a reply is the mean reward of the other replies to "
+                                "its prompt, so RLOO needs at least 2 (4 is usual).",
+                        why_together="are baselines for one another")

@@ -5,5 +5,6 @@ ppo.py         our PPO trainer (TRL dropped it): rollouts, GAE, clipped policy a
 preference.py  the trainer of ORPO and SimPO (reference-free preference losses; rows from data/pairs.py)
 rewards.py     the reward model wrapper and the rule rewards of grpo/rloo/ppo
 losses.py      the pure loss functions (ORPO, SimPO, PPO pieces), checked against hand-computed values
+online.py      the recipe GRPO and RLOO share (prompts, reward sources, policy, TRL trainer, save)
 checkpoint.py  the checkpoint and loop kit of our own loops (pretrain, ppo): checkpoint-N, RNGs, rotation, resume
 """
