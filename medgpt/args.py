@@ -47,6 +47,11 @@ class DataArgs:
         "others (counted in the log). For a model that reads one of them, e.g. SmolLM2 (English).")
     eval_split: float = arg(0.0, "When no eval_files are given, hold out this fraction of train records.", min=0,
                              below=1)
+    overlong: Literal["truncate", "drop"] = arg(
+        "truncate", "Records longer than --train.max_length: truncate (keep every whole exchange that fits and "
+        "the next answer up to the cut, which then has no end-of-turn token to learn; a prompt too long on its own "
+        "loses the middle of its last turn, after its oldest turns) or drop (keep whole exchanges only; a record "
+        "whose first exchange does not fit is dropped). Counted in the log and metrics.json either way.")
     max_invalid: float = arg(0.05, "Training skips invalid records (each named as file:line in the log, counted as "
                              "invalid_records in metrics.json) up to this fraction of the records read, default "
                              "0.05, and refuses more; 0: any invalid record stops the run. Unreadable files always "

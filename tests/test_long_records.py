@@ -43,12 +43,16 @@ def test_char_limit_is_safe(tokenizer):
 def test_chat_dataset_never_tokenizes_a_huge_record(tokenizer, seen, capsys):
     template, huge = get_template("chatml"), "胸痛。" * 100_000
     records = [{"messages": [u("头痛怎么办？"), a("多休息。")]},
-               {"messages": [u(huge), a("请就医。")]},  # cannot fit: dropped and counted
-               {"messages": [u("发烧了。"), a("多喝水。"), u(huge), a("请就医。")]}]  # keeps exchange 1
-    ds = chat_dataset(records, template, tokenizer, max_length=64)
+               {"messages": [u(huge), a("请就医。")]},  # drop: cannot fit, dropped and counted
+               {"messages": [u("发烧了。"), a("多喝水。"), u(huge), a("请就医。")]}]  # drop: keeps exchange 1
+    ds = chat_dataset(records, template, tokenizer, max_length=64, overlong="drop")
     assert len(ds) == 2 and max(seen) < char_limit(tokenizer, 64)
     assert ds[1]["input_ids"] == encode(records[2]["messages"][:2], template, tokenizer).input_ids
-    assert "dropped 1 of 3 conversations" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "dropped 1 of 3 conversations" in out and "1 of 3 conversations lost their last exchanges" in out
+    seen.clear()
+    ds = chat_dataset(records, template, tokenizer, max_length=64)  # truncate: every record trains
+    assert len(ds) == 3 and max(seen) < 2 * char_limit(tokenizer, 64)  # the text is cut at the limit first
 
 
 def test_fit_prompt_never_tokenizes_a_huge_reply_or_prompt(tokenizer, seen):
@@ -57,3 +61,5 @@ def test_fit_prompt_never_tokenizes_a_huge_reply_or_prompt(tokenizer, seen):
     assert fit_prompt([u(huge), a("ok"), u("q")], [[a("r")]], template, tokenizer, 64) == [u("q")]
     assert fit_prompt([u(huge)], [], template, tokenizer, None, 32) is None
     assert not seen or max(seen) < char_limit(tokenizer, 64)
+    cut = fit_prompt([u(huge)], [[a("r")]], template, tokenizer, 64, None, "truncate")
+    assert cut and " … " in cut[0]["content"] and max(seen) < 2 * char_limit(tokenizer, 64)

@@ -1,7 +1,8 @@
 """Preference pairs and labelled answers -> the datasets the preference stages train on. One rule for all of
 them (data/prepare.py `fit_pair` + `fit_records`): a prompt too long for the limits loses its oldest exchanges
-(the system message stays; replies are never cut), a record that still does not fit is dropped and counted.
-Each trainer then takes its own row shape:
+(the system message stays). If that is not enough, `--data.overlong truncate` (the default) cuts the middle of the
+last user turn and then the tails of the replies at max_length (a cut reply has no end-of-turn token to learn),
+while `drop` drops the record. Either way it is counted. Each trainer then takes its own row shape:
 
     reward_pairs_dataset   rm            Dataset(chosen_ids, rejected_ids), each cut at its end-of-turn token
     preference_dataset     orpo, simpo   Dataset(chosen_/rejected_ input_ids, labels): only the final reply trains
@@ -27,21 +28,21 @@ def scored_ids(messages: list[dict], template, tokenizer) -> list[int] | None:
     return enc.input_ids[:last + 1]
 
 
-def reward_pairs_dataset(records: list[dict], template, tokenizer, max_length: int, what: str = "train"):
+def reward_pairs_dataset(records: list[dict], template, tokenizer, max_length: int, what: str = "train",
+                         overlong: str = "truncate"):
     """Preference records -> Dataset(chosen_ids, rejected_ids), the pre-tokenized form RewardTrainer takes as is.
 
-    Too long for max_length: the prompt loses its oldest exchanges (`fit_prompt`; replies are never cut, the
-    reward is read at their end-of-turn token); a pair that still does not fit is dropped and counted."""
+    Too long for max_length: see the module docstring (a cut reply is scored at its last kept token)."""
     from datasets import Dataset
 
     def fit(rec):
-        prompt, shortened = fit_pair(rec, template, tokenizer, max_length)
+        prompt, how = fit_pair(rec, template, tokenizer, max_length, overlong=overlong)
         if prompt is None:
-            return None, False
+            return None, ""
         chosen = scored_ids(prompt + rec["chosen"], template, tokenizer)
         rejected = scored_ids(prompt + rec["rejected"], template, tokenizer)
         ok = chosen is not None and rejected is not None
-        return ({"chosen_ids": chosen, "rejected_ids": rejected} if ok else None), shortened
+        return ({"chosen_ids": chosen[:max_length], "rejected_ids": rejected[:max_length]} if ok else None), how
 
     rows = fit_records(records, fit, what=what, unit="pairs", limits=f"--train.max_length {max_length}")
     n_tokens = sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows)
@@ -83,26 +84,29 @@ def encode_response(prompt: list[dict], response: list[dict], template, tokenize
     return enc.input_ids, labels
 
 
-def encode_pair(record: dict, template, tokenizer, max_length: int) -> tuple[dict | None, bool]:
-    """(row, shortened): the tokenized pair, or None if it cannot fit; shortened if prompt turns were dropped.
+def encode_pair(record: dict, template, tokenizer, max_length: int, overlong: str = "truncate") -> tuple[dict | None, str]:
+    """(row, how): the tokenized pair, or None if it cannot fit; how: what fitting took (`fit_pair`).
 
-    Too long: the prompt loses its oldest exchanges first (`fit_prompt`, the rule every preference stage uses)."""
-    prompt, shortened = fit_pair(record, template, tokenizer, max_length)
+    Too long: the prompt loses its oldest exchanges first (`fit_prompt`, the rule every preference stage uses),
+    then, with overlong="truncate", the middle of its last turn and the replies' tails."""
+    prompt, how = fit_pair(record, template, tokenizer, max_length, overlong=overlong)
     if prompt is None:
-        return None, False
+        return None, ""
     chosen = encode_response(prompt, record["chosen"], template, tokenizer)
     rejected = encode_response(prompt, record["rejected"], template, tokenizer)
     if chosen is None or rejected is None:
-        return None, False  # a reply with nothing to train (cannot happen with a well-formed record)
-    return {"chosen_input_ids": chosen[0], "chosen_labels": chosen[1],
-            "rejected_input_ids": rejected[0], "rejected_labels": rejected[1]}, shortened
+        return None, ""  # a reply with nothing to train (cannot happen with a well-formed record)
+    n = max_length
+    return {"chosen_input_ids": chosen[0][:n], "chosen_labels": chosen[1][:n],
+            "rejected_input_ids": rejected[0][:n], "rejected_labels": rejected[1][:n]}, how
 
 
-def preference_dataset(records: list[dict], template, tokenizer, max_length: int, what: str = "train"):
+def preference_dataset(records: list[dict], template, tokenizer, max_length: int, what: str = "train",
+                       overlong: str = "truncate"):
     """Preference records -> Dataset(chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels)."""
     from datasets import Dataset
 
-    rows = fit_records(records, lambda rec: encode_pair(rec, template, tokenizer, max_length), what=what,
+    rows = fit_records(records, lambda rec: encode_pair(rec, template, tokenizer, max_length, overlong), what=what,
                        unit="pairs", limits=f"--train.max_length {max_length}")
     n_tokens = sum(len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in rows)
     log(f"{what}: {len(rows)} preference pairs, {n_tokens:,} tokens (chosen + rejected)")
@@ -110,8 +114,9 @@ def preference_dataset(records: list[dict], template, tokenizer, max_length: int
 
 
 def message_pairs_dataset(records: list[dict], template, tokenizer, max_length: int, max_prompt_length: int | None,
-                  what: str = "train"):
-    """Preference records -> Dataset(prompt, chosen, rejected) of messages whose prompt fits (see fit_prompt)."""
+                          what: str = "train", overlong: str = "truncate"):
+    """Preference records -> Dataset(prompt, chosen, rejected) of messages whose prompt fits (see fit_prompt); TRL
+    cuts replies that still overflow at max_length (its keep_start truncation of the tokenized pair)."""
     from datasets import Dataset
 
     for i, rec in enumerate(records, 1):
@@ -121,9 +126,9 @@ def message_pairs_dataset(records: list[dict], template, tokenizer, max_length: 
                               f"in the prompt.")
 
     def fit(rec):
-        prompt, shortened = fit_pair(rec, template, tokenizer, max_length, max_prompt_length)
+        prompt, how = fit_pair(rec, template, tokenizer, max_length, max_prompt_length, overlong=overlong)
         row = {"prompt": prompt, "chosen": rec["chosen"], "rejected": rec["rejected"]} if prompt is not None else None
-        return row, shortened
+        return row, how
 
     limits = f"--train.max_length {max_length}" + (f" / --dpo.max_prompt_length {max_prompt_length}"
                                                    if max_prompt_length else "")
@@ -133,13 +138,14 @@ def message_pairs_dataset(records: list[dict], template, tokenizer, max_length: 
 
 
 def labelled_dataset(examples: list[dict], template, tokenizer, max_length: int, max_prompt_length: int | None,
-                     what: str = "train"):
-    """KTO examples -> Dataset(prompt, completion, label) whose prompts fit (see fit_prompt)."""
+                     what: str = "train", overlong: str = "truncate"):
+    """KTO examples -> Dataset(prompt, completion, label) whose prompts fit (see fit_prompt); TRL cuts completions
+    that still overflow at max_length."""
     from datasets import Dataset
 
     def fit(ex):
-        prompt, shortened = fit_pair(ex, template, tokenizer, max_length, max_prompt_length, ("completion",))
-        return ({**ex, "prompt": prompt} if prompt is not None else None), shortened
+        prompt, how = fit_pair(ex, template, tokenizer, max_length, max_prompt_length, ("completion",), overlong)
+        return ({**ex, "prompt": prompt} if prompt is not None else None), how
 
     limits = f"--train.max_length {max_length}" + (f" / --kto.max_prompt_length {max_prompt_length}"
                                                    if max_prompt_length else "")

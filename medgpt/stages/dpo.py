@@ -118,8 +118,8 @@ def run(cfg: Config) -> int:
     # TRL renders conversations with tokenizer.chat_template: ours, so training sees exactly the inference format.
     apply_template(tokenizer, template)
     fit = (template, tokenizer, cfg.train.max_length, cfg.dpo.max_prompt_length)
-    train_ds = message_pairs_dataset(train_records, *fit, "train")
-    eval_ds = message_pairs_dataset(eval_records, *fit, "eval") if eval_records else None
+    train_ds = message_pairs_dataset(train_records, *fit, "train", cfg.data.overlong)
+    eval_ds = message_pairs_dataset(eval_records, *fit, "eval", cfg.data.overlong) if eval_records else None
 
     model = load_model(cfg.model, cfg.finetune, gradient_checkpointing=cfg.train.gradient_checkpointing)
     R.log_parameters(model)
@@ -130,7 +130,7 @@ def run(cfg: Config) -> int:
 
     args = DPOConfig(
         **R.trainer_kwargs(cfg.train, out, has_eval=eval_ds is not None),
-        max_length=cfg.train.max_length,  # a no-op safety: message_pairs_dataset already made every pair fit
+        max_length=cfg.train.max_length,  # cuts the replies --data.overlong truncate left too long
         beta=cfg.dpo.beta,
         loss_type=loss_types,
         loss_weights=loss_weights,

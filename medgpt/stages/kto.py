@@ -182,8 +182,8 @@ def run(cfg: Config) -> int:
     # TRL renders conversations with tokenizer.chat_template: ours, so training sees exactly the inference format.
     apply_template(tokenizer, template)
     fit = (template, tokenizer, cfg.train.max_length, cfg.kto.max_prompt_length)
-    train_ds = labelled_dataset(train_examples, *fit, "train")
-    eval_ds = labelled_dataset(eval_examples, *fit, "eval") if eval_examples else None
+    train_ds = labelled_dataset(train_examples, *fit, "train", cfg.data.overlong)
+    eval_ds = labelled_dataset(eval_examples, *fit, "eval", cfg.data.overlong) if eval_examples else None
     desirable_weight, undesirable_weight = _weights(cfg.kto, train_ds["label"])
 
     model = load_model(cfg.model, cfg.finetune, gradient_checkpointing=cfg.train.gradient_checkpointing)
@@ -194,7 +194,7 @@ def run(cfg: Config) -> int:
 
     args = KTOConfig(
         **R.trainer_kwargs(cfg.train, out, has_eval=eval_ds is not None),
-        max_length=cfg.train.max_length,  # a no-op safety: labelled_dataset already made every example fit
+        max_length=cfg.train.max_length,  # cuts the completions --data.overlong truncate left too long
         beta=cfg.kto.beta,
         loss_type=cfg.kto.loss_type,
         desirable_weight=desirable_weight,

@@ -60,8 +60,8 @@ def run(cfg: Config) -> int:
     out = R.start(cfg)
     tokenizer = load_tokenizer(cfg.model)
     template = get_template_for(cfg.template, tokenizer)
-    train_ds = preference_dataset(train_records, template, tokenizer, cfg.train.max_length, "train")
-    eval_ds = (preference_dataset(eval_records, template, tokenizer, cfg.train.max_length, "eval")
+    train_ds = preference_dataset(train_records, template, tokenizer, cfg.train.max_length, "train", cfg.data.overlong)
+    eval_ds = (preference_dataset(eval_records, template, tokenizer, cfg.train.max_length, "eval", cfg.data.overlong)
                if eval_records else None)
 
     model = load_model(cfg.model, cfg.finetune, gradient_checkpointing=cfg.train.gradient_checkpointing)

@@ -148,7 +148,7 @@ def load(margs: ModelArgs, cfg: Config, task: str):
 
 def run(cfg: Config) -> int:
     """PPO (RLHF): rollouts scored by a reward model and/or rules, KL-penalized, GAE, clipped updates."""
-    from medgpt.data.prepare import fit_prompt
+    from medgpt.data.prepare import fit_kind, fit_prompt, fit_records
     from medgpt.data.templates import apply_template, encode_prompt, get_template_for, stop_token_ids
     from medgpt.data.validate import load_splits
     from medgpt.model.load import load_tokenizer
@@ -166,19 +166,18 @@ def run(cfg: Config) -> int:
     policy_args = resolve(cfg.model)
     tokenizer = load_tokenizer(policy_args)
     template = get_template_for(cfg.template, tokenizer)
-    # Too-long prompts lose their oldest exchanges first (as in grpo/rloo); one that still does not fit is dropped.
+    # Too-long prompts lose their oldest exchanges first, then (--data.overlong truncate) the middle of their last
+    # turn; the same rule and counts as grpo/rloo (fit_records).
     limit = cfg.train.max_length - cfg.ppo.max_new_tokens
-    kept = []
-    for rec in records:
-        prompt = fit_prompt(rec["prompt"], [], template, tokenizer, None, limit)
-        if prompt is not None:
-            kept.append(({**rec, "prompt": prompt}, encode_prompt(prompt, template, tokenizer)))
-    if len(kept) < len(records):
-        log(f"dropped {len(records) - len(kept)} of {len(records)} prompts longer than {limit} tokens "
-            f"(--train.max_length - --ppo.max_new_tokens)")
-    if not kept:
-        raise MedGPTError(f"no prompt fits in {limit} tokens (--train.max_length - --ppo.max_new_tokens); "
-                          f"raise --train.max_length.")
+
+    def fit(rec):
+        prompt = fit_prompt(rec["prompt"], [], template, tokenizer, None, limit, cfg.data.overlong)
+        if prompt is None:
+            return None, ""
+        return ({**rec, "prompt": prompt}, encode_prompt(prompt, template, tokenizer)), fit_kind(prompt, rec["prompt"])
+
+    kept = fit_records(records, fit, what="train", unit="prompts",
+                       limits=f"{limit} tokens (--train.max_length - --ppo.max_new_tokens)")
     fns, weights = build_rewards(cfg.reward, template=template, max_length=cfg.train.max_length)
 
     policy = load(policy_args, cfg, "causal_lm")
@@ -214,5 +213,5 @@ def run(cfg: Config) -> int:
                          stop_ids=stops, ref_model=ref_model, max_steps=steps)
     metrics = trainer.train(resume_from=R.resume_checkpoint(cfg, out))
     metrics["invalid_records"] = invalid  # skipped by load_splits (--data.max_invalid)
-    trainer.save_final(tokenizer, metrics)
+    trainer.save_final(tokenizer, {**R.data_metrics(), **metrics})
     return 0

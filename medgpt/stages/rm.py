@@ -85,8 +85,9 @@ def run(cfg: Config) -> int:
     out = R.start(cfg)
     tokenizer = load_tokenizer(cfg.model)
     template = get_template_for(cfg.template, tokenizer)
-    train_ds = reward_pairs_dataset(train_records, template, tokenizer, cfg.train.max_length, "train")
-    eval_ds = reward_pairs_dataset(eval_records, template, tokenizer, cfg.train.max_length, "eval") if eval_records else None
+    fit = (template, tokenizer, cfg.train.max_length)
+    train_ds = reward_pairs_dataset(train_records, *fit, "train", cfg.data.overlong)
+    eval_ds = reward_pairs_dataset(eval_records, *fit, "eval", cfg.data.overlong) if eval_records else None
 
     model = load_model(cfg.model, cfg.finetune, task="seq_cls", gradient_checkpointing=cfg.train.gradient_checkpointing)
     # The reward is read at the last non-pad token; the saved config must name the pad the tokenizer uses. (When

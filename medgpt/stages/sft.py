@@ -58,8 +58,9 @@ def run(cfg: Config) -> int:
     out = R.start(cfg)
     tokenizer = load_tokenizer(cfg.model)
     template = get_template_for(cfg.template, tokenizer)
-    train_ds = chat_dataset(train_records, template, tokenizer, cfg.train.max_length, "train")
-    eval_ds = chat_dataset(eval_records, template, tokenizer, cfg.train.max_length, "eval") if eval_records else None
+    fit = (template, tokenizer, cfg.train.max_length)
+    train_ds = chat_dataset(train_records, *fit, "train", cfg.data.overlong)
+    eval_ds = chat_dataset(eval_records, *fit, "eval", cfg.data.overlong) if eval_records else None
 
     if cfg.sft.packing:
         train_ds = pack(train_ds, cfg.train.max_length)

@@ -36,8 +36,9 @@ def run_group_rl(cfg, section: str, config_cls, trainer_cls, options: dict, why_
     template = get_template_for(cfg.template, tokenizer)
     apply_template(tokenizer, template)  # TRL renders prompts with the tokenizer's template: make it exactly ours
     max_prompt = cfg.train.max_length - own.max_completion_length
-    train_ds = prompt_dataset(train_records, template, tokenizer, max_prompt, "train")
-    eval_ds = prompt_dataset(eval_records, template, tokenizer, max_prompt, "eval") if eval_records else None
+    train_ds = prompt_dataset(train_records, template, tokenizer, max_prompt, "train", cfg.data.overlong)
+    eval_ds = prompt_dataset(eval_records, template, tokenizer, max_prompt, "eval", cfg.data.overlong) \
+        if eval_records else None
     reward_funcs, reward_weights = build_rewards(cfg.reward, template=template, max_length=cfg.train.max_length)
 
     model = load_model(cfg.model, cfg.finetune, gradient_checkpointing=cfg.train.gradient_checkpointing)

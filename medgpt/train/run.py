@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from medgpt.config import save_config, to_dict
+from medgpt.data.prepare import FIT_COUNTS
 from medgpt.outdir import claim, final_save, owns, prepare_output_dir
 from medgpt.utils import MedGPTError, atomic_write, is_main_process, log, write_json
 
@@ -39,6 +40,7 @@ def start(cfg, command: str = "") -> Path:
     command = command or type(cfg).__module__.rsplit(".", 1)[-1]
     out = prepare_output_dir(cfg.output_dir, cfg.overwrite, getattr(cfg, "resume", False), command)
     set_seed(cfg.train.seed)
+    FIT_COUNTS.clear()  # what the data path truncates or drops in this run goes into its metrics.json
     if is_main_process():
         claim(out, "config.yaml", "runs", "README.md")  # runs/: TensorBoard; README.md: the model card of a save
         save_config(cfg, out / "config.yaml")
@@ -209,7 +211,7 @@ def save_artifacts(trainer, tokenizer, out: Path, metrics: dict[str, Any]) -> di
         # TRL's frozen copy of the starting adapter (the DPO/KTO/GRPO/RLOO reference) is not part of the result;
         # checkpoints keep it, so --resume still has its reference.
         model.delete_adapter("ref")
-    metrics = {k: v for k, v in metrics.items() if _jsonable(v)}
+    metrics = {**data_metrics(), **{k: v for k, v in metrics.items() if _jsonable(v)}}
     metrics["global_step"] = trainer.state.global_step
     with final_save(out) as staging:
         trainer.accelerator.wait_for_everyone()  # rank 0 has made the staging dir
@@ -222,6 +224,13 @@ def save_artifacts(trainer, tokenizer, out: Path, metrics: dict[str, Any]) -> di
         trainer.accelerator.wait_for_everyone()  # every rank's shards are in it
     log(f"saved model, tokenizer, metrics.json and loss.png to {out}")
     return metrics
+
+
+def data_metrics() -> dict[str, int]:
+    """What fitting the records to max_length took in this run (data/prepare.FIT_COUNTS): train_records_truncated,
+    train_records_dropped, ... (0 when nothing happened: a key present and 0 says nothing was lost)."""
+    kinds = ("truncated", "shortened", "cut_short", "dropped")
+    return {f"train_records_{k}": 0 for k in kinds} | dict(FIT_COUNTS)
 
 
 def _jsonable(v) -> bool:

@@ -77,6 +77,10 @@ def test_prompt_dataset_fits_prompts(tokenizer):
     short = [{"role": "user", "content": "发烧了怎么办？"}]
     records = [{"prompt": turn + short, "answer": "B"}, {"prompt": short}, {"prompt": [turn[0]]}]
     budget = len(encode_prompt(short, "chatml", tokenizer)) + 5
-    ds = prompt_dataset(records, "chatml", tokenizer, budget)
+    ds = prompt_dataset(records, "chatml", tokenizer, budget, overlong="drop")
     assert ds["prompt"] == [short, short]  # the old exchange went; the long single question was dropped
     assert ds["answer"] == ["B", None]
+    ds = prompt_dataset(records, "chatml", tokenizer, budget)  # truncate (default): the long question loses its middle
+    assert ds["prompt"][:2] == [short, short] and ds["answer"] == ["B", None, None]
+    cut = ds["prompt"][2][0]["content"]
+    assert " … " in cut and len(encode_prompt(ds["prompt"][2], "chatml", tokenizer)) <= budget
