@@ -93,6 +93,8 @@ class TrainArgs:
     eval_batch_size: int = arg(8, "Per-device batch size for evaluation.", min=1)
     num_workers: int = arg(0, "Data-loader worker processes.", min=0)
     tensorboard: bool = arg(True, "Write TensorBoard logs under <output_dir>/runs/.")
+    peak_seconds: float = arg(1.0, "Measure this machine's matmul peak this long at the start, for the MFU in the "
+                              "logs and metrics.json (0: no MFU; tokens/s are always reported).", min=0)
 
     def validate(self) -> None:
         """num_epochs only counts when max_steps does not; with neither the run would save an untrained model."""

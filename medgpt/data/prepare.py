@@ -336,10 +336,12 @@ class PackedCollator:
     """Right-pads rows of packed samples; position ids restart at every sample (and at the padding, which thus
     forms its own block and never mixes with real tokens). No attention mask: transformers derives the
     per-sample mask from the position ids. The first token of each sample is never a target, so no sample
-    learns to predict across a boundary."""
+    learns to predict across a boundary. With real_tokens, each batch also says how many of its tokens are not
+    padding (`real_tokens`; train/speed.py counts and removes it before the model sees the batch)."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, real_tokens: bool = False):
         self.pad_token_id = pad_token_id
+        self.real_tokens = real_tokens
 
     def __call__(self, examples: list[dict]) -> dict:
         import torch
@@ -360,4 +362,7 @@ class PackedCollator:
                 start += length
         # use_cache=False: with a KV cache present, transformers skips packed-sequence detection and the samples
         # of a row would attend to each other (the Trainer turns the cache off too; this keeps any caller safe).
-        return {"input_ids": ids, "labels": labels, "position_ids": pos, "use_cache": False}
+        batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "use_cache": False}
+        if self.real_tokens:
+            batch["real_tokens"] = sum(len(e["input_ids"]) for e in examples)
+        return batch

@@ -12,7 +12,6 @@ peak of this machine, measured.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -110,23 +109,3 @@ def flops_per_token(matmul_params: int, num_layers: int, hidden_size: int, conte
     the input embedding is a lookup and costs nothing). In a small model the head is a large share of the work,
     so leaving it out would understate the MFU."""
     return 6 * matmul_params + 12 * num_layers * hidden_size * context
-
-
-def matmul_peak(device, dtype, seconds: float, n: int = 2048) -> float:
-    """FLOP/s of a [n x n] @ [n x n] matmul in `dtype`, measured for about `seconds` on this machine."""
-    import torch
-
-    gen = torch.Generator(device).manual_seed(0)  # its own generator: training's RNG streams stay untouched
-    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=gen) for _ in range(2))
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    torch.matmul(a, b, out=c)  # warm-up: kernel choice, thread pool
-    sync()
-    chunk = 20 if device.type == "cuda" else 1  # GPU launches are asynchronous: sync per chunk, not per matmul
-    iters, start = 0, time.perf_counter()
-    while iters < 2 or time.perf_counter() - start < seconds:
-        for _ in range(chunk):
-            torch.matmul(a, b, out=c)
-        iters += chunk
-        sync()
-    return 2 * n ** 3 * iters / (time.perf_counter() - start)

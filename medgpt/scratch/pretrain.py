@@ -25,7 +25,7 @@ and perplexity = exp(eval_loss); with several dirs each also gets eval_loss/<dir
 
 Speed: tokens/s over training steps only (eval, saving and the first step's warm-up excluded). MFU = FLOPs per
 token (medgpt.scratch.model.flops_per_token) x tokens/s / a matmul peak measured at start on this machine in the
-training dtype (--pt.benchmark_seconds; nothing is cached across runs): a datasheet peak does not exist for a CPU
+training dtype (--train.peak_seconds; nothing is cached across runs): a datasheet peak does not exist for a CPU
 and is rarely reached by any real matmul on a GPU.
 
 metrics.json: train_loss and initial_loss (mean loss of the last and the first logging window), eval_loss,
@@ -65,6 +65,7 @@ from medgpt.scratch.schedule import (
 )
 from medgpt.train import checkpoint as ckpt_kit
 from medgpt.train.run import final_save, plot_loss, precision
+from medgpt.train.speed import measured_peak
 from medgpt.utils import MedGPTError, is_main_process, log, write_json
 
 
@@ -298,16 +299,6 @@ def eval_into(state: dict, step: int, model, p: Plan, cfg, device, amp, writer=N
     return f"step {step}: eval loss {ev['eval_loss']:.4f}, perplexity {ev['perplexity']:.2f}"
 
 
-def measured_peak(device, dtype, seconds: float) -> float | None:
-    """This machine's matmul peak in FLOP/s (what MFU is measured against), or None when not measured."""
-    from medgpt.scratch.model import matmul_peak
-
-    peak = matmul_peak(device, dtype, seconds) if seconds > 0 else None
-    if peak:
-        log(f"matmul peak on this machine: {peak / 1e9:,.1f} GFLOP/s ({dtype}, {device.type})")
-    return peak
-
-
 def adamw(model, train, device):
     """(trained parameters, AdamW) with weight decay on matrices only: biases and norm gains are few and decaying
     them only hurts (nanoGPT)."""
@@ -362,7 +353,7 @@ def pretrain(cfg) -> int:
     state = load_checkpoint(Path(resume), model, optimizer, rng, device) if resume else \
         {"step": 0, "tokens": 0, "history": []}
     forward = torch.compile(model) if cfg.pt.compile else model
-    peak = measured_peak(device, dtype, cfg.pt.benchmark_seconds)
+    peak = measured_peak(device, dtype, cfg.train.peak_seconds)
     writer = ckpt_kit.tensorboard(train, out)
 
     total, accum = p.total, train.gradient_accumulation_steps

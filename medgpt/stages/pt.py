@@ -49,8 +49,6 @@ class PTArgs:
                                 min=0, max=1)
     min_lr_ratio: float = arg(0.1, "The LR decays to this fraction of --train.learning_rate.", min=0, max=1)
     eval_windows: int = arg(64, "Evaluate on at most this many consecutive windows of each packed val split.", min=1)
-    benchmark_seconds: float = arg(2.0, "Measure the matmul peak this long at start, for the MFU estimate "
-                                   "(0: no MFU).", min=0)
     compile: bool = arg(False, "torch.compile the model (faster on recent GPUs, after a compile warm-up).")
 
 

@@ -77,7 +77,7 @@ def run(cfg: Config) -> int:
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[R.checkpoint_callback()],
-                         data_collator=PackedCollator(tokenizer.pad_token_id) if cfg.sft.packing else None)
+                         data_collator=PackedCollator(tokenizer.pad_token_id, real_tokens=True) if cfg.sft.packing else None)
     result = R.train(trainer, cfg, out)
     metrics = dict(result.metrics)
     if eval_ds is not None:

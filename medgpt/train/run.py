@@ -161,6 +161,10 @@ def train(trainer, cfg, out: Path):
     from transformers import TrainerState
     from transformers.trainer_utils import TrainOutput
 
+    from medgpt.train.speed import compact_lm_head, instrument
+
+    compact_lm_head()
+    trainer.medgpt_speed = instrument(trainer, cfg.train.peak_seconds)
     ckpt = resume_checkpoint(cfg, out)
     state_file = Path(ckpt or "") / "trainer_state.json"
     if ckpt and state_file.is_file():
@@ -211,7 +215,8 @@ def save_artifacts(trainer, tokenizer, out: Path, metrics: dict[str, Any]) -> di
         # TRL's frozen copy of the starting adapter (the DPO/KTO/GRPO/RLOO reference) is not part of the result;
         # checkpoints keep it, so --resume still has its reference.
         model.delete_adapter("ref")
-    metrics = {**data_metrics(), **{k: v for k, v in metrics.items() if _jsonable(v)}}
+    speed = trainer.medgpt_speed.summary() if hasattr(trainer, "medgpt_speed") else {}
+    metrics = {**data_metrics(), **speed, **{k: v for k, v in metrics.items() if _jsonable(v)}}
     metrics["global_step"] = trainer.state.global_step
     with final_save(out) as staging:
         trainer.accelerator.wait_for_everyone()  # rank 0 has made the staging dir

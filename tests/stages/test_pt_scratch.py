@@ -23,7 +23,7 @@ ARCH = ["--model.init", "llama", "--arch.hidden_size", 32, "--arch.num_layers", 
         "--arch.num_kv_heads", 2, "--arch.intermediate_size", 64]
 FAST = ["--train.batch_size", 8, "--train.max_length", 64, "--train.learning_rate", 3e-3, "--train.warmup", 3,
         "--train.weight_decay", 0.1, "--train.logging_steps", 1, "--train.save_steps", 0, "--pt.eval_windows", 16,
-        "--pt.benchmark_seconds", 0.05]
+        "--train.peak_seconds", 0.05]
 
 
 def write_packed(out: Path, tokenizer, texts: list[str], val_every: int = 10, **meta_overrides) -> Path:
