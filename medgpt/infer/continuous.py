@@ -48,7 +48,6 @@ class Request:
     stop: list[str] = field(default_factory=list)
     on_text: Optional[Callable[[str], None]] = None   # text deltas as they are decoded (streaming)
     cancelled: Optional[Callable[[], bool]] = None    # polled after each token: True ends the row
-    guard: bool = True                                # the repetition guard (when gen.repetition_guard too)
 
 
 class _Slot:
@@ -57,8 +56,7 @@ class _Slot:
     def __init__(self, request: Request, engine, processors, generator):
         self.request, self.processors, self.generator = request, processors, generator
         self.row = Row(request.gen, request.stop + engine.stop_strings, request.on_text, request.cancelled)
-        self.controller = Controller([self.row], engine.tokenizer, set(engine.stop_ids),
-                                     request.guard and request.gen.repetition_guard)
+        self.controller = Controller([self.row], engine.tokenizer, set(engine.stop_ids), request.gen.repetition_guard)
         self.seen = list(request.prompt_ids)  # prompt + answer so far: what the repetition penalty looks at
         self.last = -1                        # the token to feed next step
 
@@ -92,8 +90,6 @@ class Decoder:
         self.slots: list[_Slot] = []
         self.cache = None   # DynamicCache: one row per slot, all rows as wide as the mask
         self.mask = None    # [rows, columns] long: 1 where a row has a real (not padding) token
-        self.steps = 0      # forward passes (prefills included) and the rows they carried: for benchmarks
-        self.rows_run = 0
         # transformers 5.x renamed forward's `past_key_values` to `cache` (the old name warns until 5.40); a peft
         # model passes it on to its base model's class, whose signature says which it is.
         base = engine.model.get_base_model() if hasattr(engine.model, "get_base_model") else engine.model
@@ -118,12 +114,7 @@ class Decoder:
         for r in requests:
             self.check(r)
         device = self.engine.model.device
-        longest = max(len(r.prompt_ids) for r in requests)
-        ids = torch.full((len(requests), longest), self.engine.pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros((len(requests), longest), dtype=torch.long, device=device)
-        for i, r in enumerate(requests):
-            ids[i, longest - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, device=device)
-            mask[i, longest - len(r.prompt_ids):] = 1
+        ids, mask = self.engine.left_padded([r.prompt_ids for r in requests], device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = self._forward(ids, mask, positions, cache)
@@ -167,8 +158,6 @@ class Decoder:
         with self.engine.lock, torch.inference_mode():
             out = self.engine.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                     logits_to_keep=1, **{self.cache_arg: cache})
-        self.steps += 1
-        self.rows_run += len(ids)
         return out.logits[:, -1].float()
 
     def _slot(self, request: Request) -> _Slot:

@@ -206,6 +206,18 @@ class Engine:
             top_k=(gen.top_k or None) if sample else None,
             repetition_penalty=gen.repetition_penalty if gen.repetition_penalty != 1.0 else None)
 
+    def left_padded(self, prompts: list[list[int]], device=None):
+        """(ids, attention mask) of a batch, padded on the left: every row's next token comes from the last column."""
+        import torch
+
+        longest = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(prompts), longest), dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            ids[i, longest - len(p):] = torch.tensor(p, device=device)
+            mask[i, longest - len(p):] = 1
+        return ids, mask
+
     def generate(self, prompts: list[list[int]], gen: GenArgs, *, stop: Optional[list[str]] = None,
                  budgets: Optional[list[int]] = None,
                  on_text: Optional[list[Optional[Callable[[str], None]]]] = None,
@@ -230,12 +242,7 @@ class Engine:
         self.check_fits(longest, max(budgets))
         rows = [Row(_with_budget(gen, b), (stop or []) + self.stop_strings,
                     (on_text or [None] * n)[i], (cancelled or [None] * n)[i]) for i, b in enumerate(budgets)]
-        # Left padding: every row's next token comes from the last column.
-        ids = torch.full((n, longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, longest), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, longest - len(p):] = torch.tensor(p)
-            mask[i, longest - len(p):] = 1
+        ids, mask = self.left_padded(prompts)
         config = self.generation_config(gen, max(budgets) + 1)
         controller = Controller(rows, self.tokenizer, set(self.stop_ids), guard and gen.repetition_guard)
         device = self.model.device
