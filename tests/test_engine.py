@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medgpt.args import GenArgs, ModelArgs
-from medgpt.infer.engine import Engine, _Controller, _Row, repeated_tail
+from medgpt.infer.engine import Controller, Engine, Row, repeated_tail
 
 GREEDY = GenArgs(temperature=0, max_new_tokens=24, repetition_penalty=1.0, repetition_guard=False)
 QUESTIONS = ["高血压是什么？", "What is the maximum daily dose of paracetamol for adults?", "发热怎么办"]
@@ -94,7 +94,7 @@ def test_sampling_seed_reproducible(engine):
     assert a.token_ids == b.token_ids
 
 
-def _feed(controller: _Controller, tokens: list[int]) -> None:
+def _feed(controller: Controller, tokens: list[int]) -> None:
     seq = torch.tensor([[0]])
     for t in tokens:
         seq = torch.cat([seq, torch.tensor([[t]])], dim=1)
@@ -106,15 +106,15 @@ def test_controller_guard_keeps_one_copy(engine):
     tok = engine.tokenizer
     unit = tok("血压升高时应该休息。", add_special_tokens=False)["input_ids"]
     head = tok("回答：", add_special_tokens=False)["input_ids"]
-    row = _Row(GenArgs(max_new_tokens=500), [], None, None)
-    _feed(_Controller([row], tok, {tok.eos_token_id}, guard=True), head + unit * 20)
+    row = Row(GenArgs(max_new_tokens=500), [], None, None)
+    _feed(Controller([row], tok, {tok.eos_token_id}, guard=True), head + unit * 20)
     assert row.done == "repetition"
     assert row.final_text() == "回答：血压升高时应该休息。"
     assert len(row.ids) < len(head + unit * 20)  # it stopped early
 
     out = []  # streamed: what was sent stays, and the result text ends exactly where the stream did
-    row = _Row(GenArgs(max_new_tokens=500), [], out.append, None)
-    _feed(_Controller([row], tok, {tok.eos_token_id}, guard=True), head + unit * 20)
+    row = Row(GenArgs(max_new_tokens=500), [], out.append, None)
+    _feed(Controller([row], tok, {tok.eos_token_id}, guard=True), head + unit * 20)
     assert row.done == "repetition" and "".join(out) == row.final_text()
     assert row.final_text().startswith("回答：血压升高时应该休息。") and len(row.final_text()) < 60
 
@@ -122,11 +122,11 @@ def test_controller_guard_keeps_one_copy(engine):
 def test_controller_eos_and_stop_string(engine):
     tok = engine.tokenizer
     words = tok("Rest and drink water. USER: next", add_special_tokens=False)["input_ids"]
-    row = _Row(GenArgs(max_new_tokens=500), ["USER:"], None, None)
-    _feed(_Controller([row], tok, {tok.eos_token_id}, guard=True), words)
+    row = Row(GenArgs(max_new_tokens=500), ["USER:"], None, None)
+    _feed(Controller([row], tok, {tok.eos_token_id}, guard=True), words)
     assert row.done == "stop" and row.final_text() == "Rest and drink water. "
-    row = _Row(GenArgs(max_new_tokens=500), [], None, None)
-    _feed(_Controller([row], tok, {tok.eos_token_id}, guard=True), words[:3] + [tok.eos_token_id] + words[3:])
+    row = Row(GenArgs(max_new_tokens=500), [], None, None)
+    _feed(Controller([row], tok, {tok.eos_token_id}, guard=True), words[:3] + [tok.eos_token_id] + words[3:])
     assert row.done == "stop" and row.ids == words[:3]
 
 

@@ -1,10 +1,10 @@
 """`medgpt serve`: the official openai client against a live server on the tiny model, the batcher, vLLM launcher.
 
-One uvicorn server (module-scoped, in a thread, on a free port) serves every client test, and a second one
-answers from a small knowledge-base index built from three demo leaflets. Tests that need the
-engine to misbehave (fail, answer slowly, report a guard stop) swap `engine.generate` with monkeypatch, which
-the batcher looks up on each call, and put it back afterwards. Needs the `serve` and `dev` extras (fastapi,
-uvicorn, openai, httpx).
+One uvicorn server (module-scoped, in a thread, on a free port, continuous batching: the default) serves every
+client test, a static-batching one serves the tests that must hold for both modes, and another answers from a
+small knowledge-base index built from three demo leaflets. Tests that need the model to misbehave (fail, answer
+slowly) swap `engine.model.forward` with monkeypatch, which both modes call for every step, and put it back
+afterwards. Needs the `serve` and `dev` extras (fastapi, uvicorn, openai, httpx).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from medgpt.args import GenArgs, ModelArgs
 from medgpt.infer.engine import Result
 from medgpt.rag.answer import KnowledgeArgs, fit_augment, load_knowledge
 from medgpt.serve.api import SOURCE_FIELDS, Config, ServeArgs, bind, create_app, run
-from medgpt.serve.batcher import Batcher, Job
+from medgpt.serve.batcher import Batcher, ContinuousBatcher, Job
 from medgpt.serve.schema import APIError, budget, sampling, to_messages
 from medgpt.utils import MedGPTError
 
@@ -85,8 +85,25 @@ def server(engine):
         yield SimpleNamespace(url=url, app=app, engine=engine)
 
 
+@pytest.fixture(scope="module")
+def static_server(engine):
+    app = create_app(engine, replace(SERVE, batching="static"), GEN)
+    with serving(app) as url:
+        yield SimpleNamespace(url=url, app=app, engine=engine)
+
+
+@pytest.fixture(params=["continuous", "static"])
+def any_server(request):
+    """The test runs once against each batching mode."""
+    return request.getfixturevalue("server" if request.param == "continuous" else "static_server")
+
+
 @pytest.fixture()
 def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def client_of(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
@@ -94,16 +111,18 @@ def greedy(max_new_tokens: int) -> GenArgs:
     return replace(GEN, max_new_tokens=max_new_tokens)
 
 
-def count_calls(monkeypatch, engine) -> list[int]:
-    """Wrap engine.generate: the returned list gets each call's number of rows."""
-    calls, real = [], engine.generate
+def count_rows(monkeypatch, engine, delay: float = 0.0) -> list[int]:
+    """Wrap the model's forward (each prefill and decoding step, in either batching mode): the returned list gets
+    each pass's number of rows; `delay` seconds per pass makes answers slow."""
+    rows, real = [], engine.model.forward
 
-    def counted(prompts, gen, **kw):
-        calls.append(len(prompts))
-        return real(prompts, gen, **kw)
+    def counted(*a, **kw):
+        rows.append(len(kw["input_ids"]))
+        time.sleep(delay)
+        return real(*a, **kw)
 
-    monkeypatch.setattr(engine, "generate", counted)
-    return calls
+    monkeypatch.setattr(engine.model, "forward", counted)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ the API
@@ -255,11 +274,12 @@ def test_bad_json_unknown_routes_and_a_busy_queue(server, client, monkeypatch):
         client.chat.completions.create(model=NAME, messages=user("hi"), max_tokens=4)
 
 
-def test_engine_failures_are_500_without_internals(server, client, monkeypatch):
-    def broken(prompts, gen, **kw):
+def test_engine_failures_are_500_without_internals(any_server, monkeypatch):
+    def broken(*a, **kw):
         raise RuntimeError("secret internal detail /srv/models/weights.safetensors")
 
-    monkeypatch.setattr(server.engine, "generate", broken)
+    client = client_of(any_server)
+    monkeypatch.setattr(any_server.engine.model, "forward", broken)
     with pytest.raises(openai.InternalServerError) as e:
         client.chat.completions.create(model=NAME, messages=user("hi"), max_tokens=4)
     assert e.value.status_code == 500 and e.value.body["type"] == "server_error"
@@ -271,13 +291,12 @@ def test_engine_failures_are_500_without_internals(server, client, monkeypatch):
     assert client.chat.completions.create(model=NAME, messages=user("hi"), max_tokens=4).choices  # still serving
 
 
-def test_repetition_guard_reads_as_stop(server, client, monkeypatch):
-    def looping(prompts, gen, **kw):
-        return [Result("ab", len(p), 30, "repetition") for p in prompts]
+def test_repetition_guard_reads_as_stop(any_server, monkeypatch):
+    import medgpt.infer.engine
 
-    monkeypatch.setattr(server.engine, "generate", looping)
-    r = client.chat.completions.create(model=NAME, messages=user("hi"), max_tokens=40)
-    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 30
+    monkeypatch.setattr(medgpt.infer.engine, "repeated_tail", lambda ids: 1 if len(ids) >= 3 else 0)  # fires at 3
+    r = client_of(any_server).chat.completions.create(model=NAME, messages=user("hi"), max_tokens=40)
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 3
 
 
 def test_request_fields_over_the_defaults():
@@ -389,13 +408,17 @@ def hang_up_mid_body(url: str, key: str) -> None:
 
 
 def test_a_client_that_hangs_up_mid_body_leaves_no_traceback(server, client):
+    def logged(n: int) -> None:  # the request log's line says the server is done with a request
+        deadline = time.monotonic() + 10  # (written once the response is sent: the client may see it first)
+        while sum("POST /v1/completions" in line for line in lines) < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+
     with server_log() as lines:
         for _ in range(2):
             hang_up_mid_body(server.url, KEY)
-        deadline = time.monotonic() + 10  # the request log's line says the server is done with both
-        while sum("POST /v1/completions" in line for line in lines) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        logged(2)
         assert client.completions.create(model=NAME, prompt="hi", max_tokens=2).choices  # still serving
+        logged(3)
     assert sum("POST /v1/completions" in line for line in lines) == 3, lines
     assert not any("Traceback" in line or "Exception" in line for line in lines), "\n".join(lines)
 
@@ -435,15 +458,17 @@ def test_lone_surrogates_and_deep_nesting_are_400s(engine, path, body):
 
 # ------------------------------------------------------------------------------------- concurrency
 
-def test_concurrent_requests_are_batched_and_answer_as_sequential(server, client, monkeypatch):
+def test_concurrent_requests_are_batched_and_answer_as_sequential(any_server, monkeypatch):
+    client = client_of(any_server)
+
     def ask(q: str) -> str:
         return client.chat.completions.create(model=NAME, messages=user(q), temperature=0,
                                               max_tokens=12 + len(q) % 5).choices[0].message.content
 
-    calls = count_calls(monkeypatch, server.engine)
+    rows = count_rows(monkeypatch, any_server.engine)
     sequential = [ask(q) for q in QUESTIONS]
-    assert calls == [1] * len(QUESTIONS)
-    calls.clear()
+    assert set(rows) == {1}
+    rows.clear()
     start = threading.Barrier(len(QUESTIONS))
 
     def together(q: str) -> str:
@@ -453,33 +478,69 @@ def test_concurrent_requests_are_batched_and_answer_as_sequential(server, client
     with ThreadPoolExecutor(len(QUESTIONS)) as pool:
         concurrent = list(pool.map(together, QUESTIONS))
     assert concurrent == sequential  # per-row budgets (12..16 tokens) and left padding change nothing
-    assert sum(calls) == len(QUESTIONS) and len(calls) < len(QUESTIONS) and max(calls) > 1
+    assert max(rows) > 1  # they shared forward passes
+
+
+def watch_results(monkeypatch) -> list:
+    """Every Result a job hands back (also those nobody reads any more), in either batching mode."""
+    results, real = [], Job.emit
+
+    def emit(job, kind, payload):
+        if kind == "done":
+            results.append(payload)
+        real(job, kind, payload)
+
+    monkeypatch.setattr(Job, "emit", emit)
+    return results
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_a_client_that_hangs_up_frees_its_row(server, monkeypatch, stream):
-    real, finished = server.engine.generate, []
-
-    def slow(prompts, gen, **kw):  # 50 ms per token (the cancel flag is polled after each): seconds per answer
-        kw["cancelled"] = [lambda c=c: time.sleep(0.05) or c() for c in kw["cancelled"]]
-        finished.append(real(prompts, gen, **kw))
-        return finished[-1]
-
+def test_a_client_that_hangs_up_frees_its_row(any_server, monkeypatch, stream):
+    engine = any_server.engine
     body = {"model": NAME, "prompt": "Fever is", "temperature": 0, "max_tokens": 64, "stream": stream}
-    full = server.engine.generate([server.engine.text_ids("Fever is")], replace(GEN, max_new_tokens=64))[0]
+    full = engine.generate([engine.text_ids("Fever is")], replace(GEN, max_new_tokens=64))[0]
     assert full.completion_tokens >= 20  # long enough that stopping early shows
-    monkeypatch.setattr(server.engine, "generate", slow)
+    count_rows(monkeypatch, engine, delay=0.05)  # 50 ms per token (the cancel flag is polled after each)
+    finished = watch_results(monkeypatch)
     auth = {"Authorization": f"Bearer {KEY}"}
     if stream:
-        with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=auth) as r:
+        with httpx.stream("POST", any_server.url + "/v1/completions", json=body, headers=auth) as r:
             next(line for line in r.iter_lines() if line.startswith("data: {"))  # the first delta: hang up
     else:  # the server notices within a second while it waits for the answer
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(server.url + "/v1/completions", json=body, headers=auth, timeout=0.3)
+            httpx.post(any_server.url + "/v1/completions", json=body, headers=auth, timeout=0.3)
     deadline = time.monotonic() + 10
     while not finished and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert finished and finished[0][0].completion_tokens < full.completion_tokens // 2
+    assert finished and finished[0].completion_tokens < full.completion_tokens // 2
+
+
+def test_a_short_answer_does_not_wait_for_a_long_one(any_server, monkeypatch):
+    """Continuous batching: a short request sent while a long one is decoding joins the running batch and is done
+    first. Static batching cannot do that: the long answer's batch runs to its end before the short one starts."""
+    engine, client = any_server.engine, client_of(any_server)
+    full = engine.generate([engine.text_ids("Fever is")], replace(GEN, max_new_tokens=64))[0]
+    assert full.completion_tokens >= 20
+    count_rows(monkeypatch, engine, delay=0.02)
+    ended = {}
+
+    def long() -> None:
+        stream = client.completions.create(model=NAME, prompt="Fever is", temperature=0, max_tokens=64, stream=True)
+        for n, _ in enumerate(stream):
+            if n == 0:
+                started.set()  # decoding: now the short one arrives
+        ended["long"] = time.monotonic()
+
+    started = threading.Event()
+    thread = threading.Thread(target=long)
+    thread.start()
+    assert started.wait(30)
+    short = client.chat.completions.create(model=NAME, messages=user("hi"), temperature=0, max_tokens=2)
+    ended["short"] = time.monotonic()
+    thread.join(60)
+    assert short.usage.completion_tokens <= 2 and "long" in ended
+    continuous = isinstance(any_server.app.state.batcher, ContinuousBatcher)
+    assert min(ended, key=ended.get) == ("short" if continuous else "long")
 
 
 def test_batcher_groups_compatible_jobs():
@@ -537,21 +598,21 @@ def rag_server(engine, index_dir):
         yield SimpleNamespace(url=url, app=app, engine=engine, index=index, client=client)
 
 
-def spy_prompts(monkeypatch, engine) -> list[list[int]]:
-    """Wrap engine.generate: the returned list gets every prompt's token ids."""
-    seen, real = [], engine.generate
+def spy_prompts(monkeypatch, batcher) -> list[list[int]]:
+    """Wrap the batcher's submit: the returned list gets every prompt's token ids."""
+    seen, real = [], batcher.submit
 
-    def spy(prompts, gen, **kw):
-        seen.extend(prompts)
-        return real(prompts, gen, **kw)
+    def spy(job):
+        seen.append(job.prompt_ids)
+        return real(job)
 
-    monkeypatch.setattr(engine, "generate", spy)
+    monkeypatch.setattr(batcher, "submit", spy)
     return seen
 
 
 def test_knowledge_base_answers_cite_numbered_sources(rag_server, monkeypatch):
     engine, client = rag_server.engine, rag_server.client
-    seen = spy_prompts(monkeypatch, engine)
+    seen = spy_prompts(monkeypatch, rag_server.app.state.batcher)
     r = client.chat.completions.create(model=NAME, messages=user(PARACETAMOL), temperature=0, max_tokens=16)
     sources = r.model_extra["sources"]  # an extra top-level field: the openai client keeps it
     assert 2 <= len(sources) < RAG.top_k  # the weakest ones did not fit in 480 tokens
@@ -650,7 +711,8 @@ def test_logged_bodies_and_answers_are_scrubbed(engine, caplog, monkeypatch, scr
     monkeypatch.setattr(engine, "generate", lambda prompts, gen, **kw: [
         Result(f"请致电 {callback} 复诊", len(p), 6, "stop") for p in prompts])
     caplog.set_level(logging.INFO, logger="medgpt.serve")
-    app = create_app(engine, replace(SERVE, api_key=None, log_bodies=True, scrub_logs=scrub), GEN)
+    serve = replace(SERVE, api_key=None, log_bodies=True, scrub_logs=scrub, batching="static")  # calls generate
+    app = create_app(engine, serve, GEN)
     question = f"我的电话是{phone}，身份证号{id_number}，最近头痛怎么办？"
     with TestClient(app, base_url="http://localhost") as http:  # the test client's own "testserver" is refused
         r = http.post("/v1/chat/completions", json={"messages": user(question), "max_tokens": 6})

@@ -1,1 +1,2 @@
-"""Generation: the engine, chat, batch generate (layer: infer; imports data, model and lower)."""
+"""Generation: the engine, continuous batching, chat, batch generate (layer: infer; imports data, model and
+lower)."""

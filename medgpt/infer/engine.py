@@ -52,7 +52,7 @@ def repeated_tail(ids: list[int], min_span: int = 24, min_repeats: int = 3, max_
     return 0
 
 
-class _Row:
+class Row:
     """One sequence of a batch: its tokens so far, its limits, and where its text has been streamed to."""
 
     def __init__(self, gen: GenArgs, stop: list[str], on_text: Optional[Callable[[str], None]],
@@ -71,10 +71,10 @@ class _Row:
         return self.text[:max(self.cut, self.sent)]
 
 
-class _Controller:
+class Controller:
     """A StoppingCriteria over the whole batch: updates each live row with its newest token."""
 
-    def __init__(self, rows: list[_Row], tokenizer, stop_ids: set[int], guard: bool):
+    def __init__(self, rows: list[Row], tokenizer, stop_ids: set[int], guard: bool):
         self.rows, self.tok, self.stop_ids, self.guard = rows, tokenizer, stop_ids, guard
 
     def __call__(self, input_ids, scores, **kwargs):
@@ -83,35 +83,35 @@ class _Controller:
         last = input_ids[:, -1].tolist()
         for row, token in zip(self.rows, last):
             if row.done is None:
-                self._step(row, token)
+                self.feed(row, token)
         return torch.tensor([r.done is not None for r in self.rows], device=input_ids.device)
 
-    def _step(self, row: _Row, token: int) -> None:
+    def feed(self, row: Row, token: int) -> None:
         if token in self.stop_ids:
             row.done = FINISH_STOP
-            return self._flush(row)
+            return self.flush(row)
         row.ids.append(token)
         row.text = self.tok.decode(row.ids, skip_special_tokens=True)
         for s in row.stop:
             at = row.text.find(s, max(0, row.sent - len(s)))
             if at >= 0:
                 row.done, row.cut = FINISH_STOP, at
-                return self._flush(row)
+                return self.flush(row)
         if self.guard and (p := repeated_tail(row.ids)):
             # Keep one copy of the repeated unit: the text up to where the second copy starts.
             row.done = FINISH_REPETITION
             row.cut = len(self.tok.decode(row.ids[:len(row.ids) - (_repeat_count(row.ids, p) - 1) * p],
                                           skip_special_tokens=True))
-            return self._flush(row)
+            return self.flush(row)
         if len(row.ids) >= row.gen.max_new_tokens:
             row.done = FINISH_LENGTH
-            return self._flush(row)
+            return self.flush(row)
         if row.cancelled is not None and row.cancelled():
             row.done = FINISH_STOP
-            return self._flush(row)
+            return self.flush(row)
         self._emit(row, final=False)
 
-    def _emit(self, row: _Row, final: bool) -> None:
+    def _emit(self, row: Row, final: bool) -> None:
         if row.on_text is None:
             return
         text = row.final_text()
@@ -127,7 +127,7 @@ class _Controller:
             row.on_text(text[row.sent:end])
             row.sent = end
 
-    def _flush(self, row: _Row) -> None:
+    def flush(self, row: Row) -> None:
         self._emit(row, final=True)
 
 
@@ -186,7 +186,37 @@ class Engine:
     def max_context(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
 
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        if prompt_tokens + max_new_tokens > self.max_context:
+            raise MedGPTError(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                              f"model's context of {self.max_context} tokens. Shorten the prompt or lower "
+                              f"max_new_tokens.")
+
     # ----------------------------------------------------------------------------------------- generate
+
+    def generation_config(self, gen: GenArgs, max_new_tokens: int):
+        """The transformers GenerationConfig for `gen`: the one place our settings become theirs, so that
+        `generate` and the continuous decoder (infer/continuous.py) sample alike."""
+        from transformers import GenerationConfig
+
+        sample = gen.temperature > 0
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=sample, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+            temperature=gen.temperature if sample else None, top_p=gen.top_p if sample else None,
+            top_k=(gen.top_k or None) if sample else None,
+            repetition_penalty=gen.repetition_penalty if gen.repetition_penalty != 1.0 else None)
+
+    def left_padded(self, prompts: list[list[int]], device=None):
+        """(ids, attention mask) of a batch, padded on the left: every row's next token comes from the last column."""
+        import torch
+
+        longest = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(prompts), longest), dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            ids[i, longest - len(p):] = torch.tensor(p, device=device)
+            mask[i, longest - len(p):] = 1
+        return ids, mask
 
     def generate(self, prompts: list[list[int]], gen: GenArgs, *, stop: Optional[list[str]] = None,
                  budgets: Optional[list[int]] = None,
@@ -200,7 +230,7 @@ class Engine:
         (a client that went away frees its row).
         """
         import torch
-        from transformers import GenerationConfig, StoppingCriteriaList
+        from transformers import StoppingCriteriaList
 
         if not prompts:
             return []
@@ -209,24 +239,12 @@ class Engine:
         if any(not p for p in prompts):
             raise MedGPTError("an empty prompt cannot be completed: send at least one token of text.")
         longest = max(len(p) for p in prompts)
-        if longest + max(budgets) > self.max_context:
-            raise MedGPTError(f"prompt ({longest} tokens) + max_new_tokens ({max(budgets)}) exceeds the model's "
-                              f"context of {self.max_context} tokens. Shorten the prompt or lower max_new_tokens.")
-        rows = [_Row(_with_budget(gen, b), (stop or []) + self.stop_strings,
-                     (on_text or [None] * n)[i], (cancelled or [None] * n)[i]) for i, b in enumerate(budgets)]
-        # Left padding: every row's next token comes from the last column.
-        ids = torch.full((n, longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, longest), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, longest - len(p):] = torch.tensor(p)
-            mask[i, longest - len(p):] = 1
-        sample = gen.temperature > 0
-        config = GenerationConfig(
-            max_new_tokens=max(budgets) + 1, do_sample=sample, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
-            temperature=gen.temperature if sample else None, top_p=gen.top_p if sample else None,
-            top_k=(gen.top_k or None) if sample else None,
-            repetition_penalty=gen.repetition_penalty if gen.repetition_penalty != 1.0 else None)
-        controller = _Controller(rows, self.tokenizer, set(self.stop_ids), guard and gen.repetition_guard)
+        self.check_fits(longest, max(budgets))
+        rows = [Row(_with_budget(gen, b), (stop or []) + self.stop_strings,
+                    (on_text or [None] * n)[i], (cancelled or [None] * n)[i]) for i, b in enumerate(budgets)]
+        ids, mask = self.left_padded(prompts)
+        config = self.generation_config(gen, max(budgets) + 1)
+        controller = Controller(rows, self.tokenizer, set(self.stop_ids), guard and gen.repetition_guard)
         device = self.model.device
         with self.lock, torch.inference_mode():
             if gen.seed is not None:
@@ -237,7 +255,7 @@ class Engine:
         for row, p in zip(rows, prompts):
             if row.done is None:  # generate() stopped on its own (max_new_tokens)
                 row.done = FINISH_LENGTH
-                controller._flush(row)
+                controller.flush(row)
             results.append(Result(row.final_text(), len(p), len(row.ids), row.done, row.ids))
         return results
 

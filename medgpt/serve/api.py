@@ -6,9 +6,11 @@
     POST /v1/completions         raw prompt -> continuation (no template); streams too
 
 Any OpenAI client works: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY)`. It is a thin shell over the
-one generation engine (medgpt/infer/engine.py). Concurrent requests are batched (medgpt/serve/batcher.py): a
-worker thread gathers queued requests with the same sampling settings into one `engine.generate` call, each row
-with its own max_tokens, streaming callback and cancel flag (a client that disconnects frees its row).
+one generation engine (medgpt/infer/engine.py). Concurrent requests are batched (medgpt/serve/batcher.py): by
+default continuously (requests join and leave the running batch between decoding steps, medgpt/infer/continuous.py),
+or statically with --serve.batching static (queued requests with the same sampling settings share one
+`engine.generate` call); either way each row has its own max_tokens, streaming callback and cancel flag (a client
+that disconnects frees its row).
 Request fields and response bodies (the OpenAI wire format) live in medgpt/serve/schema.py.
 `create_app(engine, ServeArgs)` builds the app without starting a server, for tests and other hosts.
 
@@ -42,7 +44,7 @@ from typing import Literal, Optional
 from medgpt.args import GenArgs, ModelArgs
 from medgpt.config import arg, section
 from medgpt.rag.answer import KnowledgeArgs, load_knowledge
-from medgpt.serve.batcher import Batcher, Job
+from medgpt.serve.batcher import Job, make_batcher
 from medgpt.serve.schema import (
     APIError,
     bad,
@@ -89,8 +91,13 @@ class ServeArgs:
                                  min=1)
     max_tokens: int = arg(2048, "Largest max_tokens a request may ask for.", min=1)
     max_body_bytes: int = arg(1 << 20, "Largest request body in bytes; bigger ones get 413.", min=1)
+    batching: Literal["continuous", "static"] = arg("continuous", "continuous: requests join and leave the running "
+                                                    "batch between decoding steps (a short answer never waits for a "
+                                                    "long one). static: a batch runs to its longest answer before the "
+                                                    "next starts.")
     max_batch_size: int = arg(8, "Most requests generated together in one batch (1: no batching).", min=1)
-    batch_wait_ms: float = arg(5.0, "How long a new batch waits for more requests to join it, in milliseconds.", min=0)
+    batch_wait_ms: float = arg(5.0, "How long a new batch waits for more requests to join it, in milliseconds "
+                               "(continuous: only when the model is idle).", min=0)
     max_queue: int = arg(256, "Most requests waiting for the model; more get 429 (retry later).", min=1)
     log_requests: bool = arg(True, "Log one line per request: method, path, status, token counts, latency.")
     log_bodies: bool = arg(False, "Also log request bodies and answers. They hold patients' questions: "
@@ -163,7 +170,7 @@ class Server:
         self.engine, self.serve, self.gen, self.index, self.rag = engine, serve, gen, index, rag
         self.name = serve.model_name or default_model_name(engine)
         self.key = serve.api_key or os.environ.get(KEY_ENV) or None
-        self.batcher = Batcher(engine, serve.max_batch_size, serve.batch_wait_ms)
+        self.batcher = make_batcher(engine, serve.batching, serve.max_batch_size, serve.batch_wait_ms)
         self.started = int(time.time())
 
     # ------------------------------------------------------------------------------------------- checks
@@ -488,7 +495,8 @@ def run(cfg: Config) -> int:
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
     log(f"serving '{serve.model_name or default_model_name(engine)}' at {url} "
-        f"(key: {'none' if open_ else 'required'}; batches of up to {serve.max_batch_size}; Ctrl+C to stop)")
+        f"(key: {'none' if open_ else 'required'}; {serve.batching} batches of up to {serve.max_batch_size}; "
+        f"Ctrl+C to stop)")
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=False, timeout_graceful_shutdown=5))
     try:
         server.run(sockets=[sock])

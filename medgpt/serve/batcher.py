@@ -1,17 +1,26 @@
-"""Request batching for `medgpt serve`: concurrent requests share one `engine.generate` call.
+"""Request batching for `medgpt serve`: concurrent requests share the model's forward passes.
 
-    batcher = Batcher(engine, max_batch_size=8, wait_ms=5); batcher.start()
+    batcher = ContinuousBatcher(engine, max_batch_size=8, wait_ms=5); batcher.start()   # or Batcher: static
     job = Job(prompt_ids, gen, stop=[], stream=True, loop=asyncio.get_running_loop())
     batcher.submit(job)
     kind, payload = await job.events.get()     # ("text", delta)... then ("done", Result) or ("error", exc)
 
-One worker thread (never the event loop) takes the oldest queued job, then gathers more for at most `wait_ms`
-(up to `max_batch_size`) and runs them as one left-padded batch: each row keeps its own token budget, streaming
-callback and cancel flag (the engine stops rows independently). Only jobs that decode alike share a batch: the
-same sampling settings and stop strings (the engine takes one of each per call), and a combined length
-(longest prompt + largest budget) that fits the model's context. Jobs that do not fit wait for the next batch,
-ahead of newer ones. Sampling with a seed runs alone, so a seeded request gets the same answer whether or not
-others arrive at the same time. A job whose client went away before its turn is dropped unrun.
+Both run the model on one worker thread (never the event loop) and drop unrun a job whose client went away
+before its turn; --serve.batching picks one.
+
+ContinuousBatcher (the default) keeps one running batch (medgpt/infer/continuous.py): between decoding steps,
+queued jobs join it (up to `max_batch_size` rows) and finished or cancelled ones leave it, so a short answer never
+waits for a long one. Jobs of any settings share the batch (each row samples with its own settings, a seeded one
+from its own generator), and a greedy answer is the one the job would get alone. When the model is idle, the
+first job waits up to `wait_ms` for others so they are prefilled in one pass.
+
+Batcher (static) takes the oldest queued job, then gathers more for at most `wait_ms` (up to `max_batch_size`)
+and runs them as one left-padded `engine.generate` call: each row keeps its own token budget, streaming callback
+and cancel flag (the engine stops rows independently), but the batch ends only when its longest row does. Only
+jobs that decode alike share a batch: the same sampling settings and stop strings (the engine takes one of each
+per call), and a combined length (longest prompt + largest budget) that fits the model's context. Jobs that do
+not fit wait for the next batch, ahead of newer ones. Sampling with a seed runs alone, so a seeded request gets
+the same answer whether or not others arrive at the same time.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from medgpt.args import GenArgs
+from medgpt.infer.continuous import Decoder, Request
 from medgpt.utils import MedGPTError
 
 _STOP = object()  # put on the queue to end the worker
@@ -142,3 +152,73 @@ class Batcher:
     def _work(self) -> None:
         while (batch := self.next_batch()) is not None:
             self.run_batch(batch)
+
+
+class ContinuousBatcher(Batcher):
+    """Continuous batching: jobs join and leave the running batch between decoding steps (see the module doc)."""
+
+    def __init__(self, engine, max_batch_size: int = 8, wait_ms: float = 5.0):
+        super().__init__(engine, max_batch_size, wait_ms)
+        self.decoder = Decoder(engine)
+        self.running: dict[Request, Job] = {}
+
+    def admit(self) -> Optional[list[Job]]:
+        """Jobs to add to the running batch now (blocks while nothing runs); None when the batcher is stopped."""
+        room = self.max_batch_size - len(self.running)
+        jobs: list[Job] = []
+        deadline = None
+        while len(jobs) < room:
+            try:
+                if not self.running and not jobs:
+                    job = self.queue.get()  # idle: wait for work
+                    deadline = time.monotonic() + self.wait
+                elif deadline is not None and (remaining := deadline - time.monotonic()) > 0:
+                    job = self.queue.get(timeout=remaining)  # let others arriving now share the prefill
+                else:
+                    job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is _STOP:
+                return None
+            if not job.cancel.is_set():
+                jobs.append(job)
+        return jobs
+
+    def join(self, jobs: list[Job]) -> None:
+        ready = []
+        for job in jobs:
+            request = Request(job.prompt_ids, job.gen, job.stop, cancelled=job.cancel.is_set,
+                              on_text=(lambda delta, j=job: j.emit("text", delta)) if job.stream else None)
+            try:
+                self.decoder.check(request)  # a job that cannot run fails alone
+            except MedGPTError as e:
+                job.emit("error", e)
+                continue
+            self.running[request] = job
+            ready.append(request)
+        if ready:
+            self.finish(self.decoder.join(ready))
+
+    def finish(self, done: list) -> None:
+        for request, result in done:
+            self.running.pop(request).emit("done", result)
+
+    def _work(self) -> None:
+        while (jobs := self.admit()) is not None:
+            try:
+                if jobs:
+                    self.join(jobs)
+                self.finish(self.decoder.step())
+            except Exception as e:  # every running row fails with it; the server keeps running
+                self.decoder.clear()
+                for job in self.running.values():
+                    job.emit("error", e)
+                self.running.clear()
+        for job in self.running.values():  # stopped: nobody will finish these
+            job.emit("error", MedGPTError("the server is shutting down."))
+
+
+def make_batcher(engine, batching: str, max_batch_size: int, wait_ms: float) -> Batcher:
+    """The batcher --serve.batching names: "continuous" or "static"."""
+    cls = {"continuous": ContinuousBatcher, "static": Batcher}[batching]
+    return cls(engine, max_batch_size, wait_ms)
