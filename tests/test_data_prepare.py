@@ -64,11 +64,11 @@ def test_fit_records_counts_shortened_and_dropped_then_refuses_nothing(capsys):
     from medgpt.data.prepare import fit_records
     from medgpt.utils import MedGPTError
 
-    fits = {1: ({"n": 1}, False), 2: ({"n": 2}, True), 3: (None, False), 4: ({"n": 4}, True)}
+    fits = {1: ({"n": 1}, ""), 2: ({"n": 2}, "shortened"), 3: (None, ""), 4: ({"n": 4}, "shortened")}
     rows = fit_records([1, 2, 3, 4], fits.get, what="train", unit="pairs", limits="--train.max_length 64")
     assert rows == [{"n": 1}, {"n": 2}, {"n": 4}]
     out = capsys.readouterr().out
-    assert "train: 2 pairs lost their oldest prompt turns to fit --train.max_length 64" in out
+    assert "train: 2 of 4 pairs lost their oldest prompt turns to fit --train.max_length 64" in out
     assert "train: dropped 1 of 4 pairs that do not fit --train.max_length 64" in out
     with pytest.raises(MedGPTError, match="eval: none of the 2 pairs fits --train.max_length 64. Raise it."):
         fit_records([3, 3], fits.get, what="eval", unit="pairs", limits="--train.max_length 64")

@@ -80,13 +80,13 @@ def test_template_that_renders_the_prompt_differently_is_refused(tokenizer, monk
 def test_long_prompt_loses_oldest_exchanges_then_pair_is_dropped(tokenizer):
     full, _ = encode_pair(MULTI, "chatml", tokenizer, max_length=1024)
     n = max(len(full["chosen_input_ids"]), len(full["rejected_input_ids"]))
-    row, shortened = encode_pair(MULTI, "chatml", tokenizer, max_length=n - 1)
-    assert shortened
+    row, how = encode_pair(MULTI, "chatml", tokenizer, max_length=n - 1)
+    assert how == "shortened"
     text = tokenizer.decode(row["chosen_input_ids"])
     assert "You are a pharmacist." in text and "Two days." in text  # system and last user turn kept
     assert "headache" not in text and "How long" not in text  # the oldest exchange is gone, whole
     assert trained(tokenizer, row["chosen_labels"]) == "See a doctor if it persists.<|im_end|>"
-    assert encode_pair(MULTI, "chatml", tokenizer, max_length=8) == (None, False)
+    assert encode_pair(MULTI, "chatml", tokenizer, max_length=8, overlong="drop") == (None, "")
     with pytest.raises(MedGPTError, match="--train.max_length"):
         preference_dataset([MULTI], "chatml", tokenizer, max_length=8)
 
