@@ -1,6 +1,6 @@
 """`medgpt serve`: the official openai client against a live server on the tiny model, the batcher, vLLM launcher.
 
-One uvicorn server (module-scoped, in a thread, on a free port, continuous batching: the default) serves every
+One uvicorn server (module-scoped, in a thread, on a free port, continuous batching) serves every
 client test, a static-batching one serves the tests that must hold for both modes, and another answers from a
 small knowledge-base index built from three demo leaflets. Tests that need the model to misbehave (fail, answer
 slowly) swap `engine.model.forward` with monkeypatch, which both modes call for every step, and put it back
@@ -43,7 +43,7 @@ KNOWLEDGE = ROOT / "data" / "demo" / "knowledge"
 KEY = "test-key-0123456789"
 NAME = "tiny-med"
 GEN = GenArgs(max_new_tokens=24, temperature=0, repetition_penalty=1.0)  # the server's request defaults
-SERVE = ServeArgs(api_key=KEY, model_name=NAME, max_prompt_tokens=200, max_tokens=64, max_body_bytes=20_000,
+SERVE = ServeArgs(batching="continuous", api_key=KEY, model_name=NAME, max_prompt_tokens=200, max_tokens=64, max_body_bytes=20_000,
                   max_batch_size=8, batch_wait_ms=20)
 QUESTIONS = ["高血压是什么？", "What is a fever?", "头痛怎么办", "Is aspirin safe for children?", "糖尿病的症状",
              "How much water should I drink?", "咳嗽一周了", "What causes chest pain?"]
