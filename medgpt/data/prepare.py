@@ -152,13 +152,15 @@ def chat_dataset(records: list[dict], template, tokenizer, max_length: int, what
     limit = char_limit(tokenizer, max_length)
 
     def fit(rec):
-        messages = rec["messages"]
+        messages, enc = rec["messages"], None
         if _chars(messages) <= limit:
             enc = encode(messages, template, tokenizer)
             if enc is not None and len(enc.input_ids) <= max_length:
                 return {"input_ids": enc.input_ids, "labels": enc.labels}, ""
         if overlong == "truncate":
-            return truncate_chat(messages, template, tokenizer, max_length), "truncated"
+            # Already encoded whole (nothing to clip): its head is truncate_chat's first answer, without a second encode.
+            row = _head(enc, max_length) if enc is not None else None
+            return row or truncate_chat(messages, template, tokenizer, max_length), "truncated"
         messages = _within(messages, limit)
         enc = encode(messages, template, tokenizer, max_length=max_length) if messages else None
         return ({"input_ids": enc.input_ids, "labels": enc.labels} if enc is not None else None), "cut_short"
