@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from transformers import BatchEncoding
 
 from medgpt.data.prepare import PackedCollator
 from medgpt.train import speed
@@ -52,6 +53,9 @@ def test_batch_tokens_reads_every_batch_shape():
     padded = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 0]] * 2),
               "labels": torch.tensor([[-100, 1, 1, -100]] * 2)}
     assert speed.batch_tokens(padded) == (6, 4)
+    # transformers' own collators (DataCollatorForSeq2Seq, DataCollatorWithPadding) hand over a BatchEncoding,
+    # which is a Mapping but not a dict
+    assert speed.batch_tokens(BatchEncoding(padded)) == (6, 4)
     pairs = {"input_ids": torch.ones(2, 3), "attention_mask": torch.ones(2, 3), "completion_mask": torch.tensor(
         [[0, 1, 1], [0, 0, 1]])}
     assert speed.batch_tokens(pairs) == (6, 3)

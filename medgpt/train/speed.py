@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 import types
+from collections.abc import Mapping
 from functools import lru_cache
 
 from medgpt.utils import log
@@ -123,7 +124,7 @@ def model_flops(model) -> dict[str, int]:
 def batch_tokens(inputs) -> tuple[int, int] | None:
     """(real, trained) tokens of one batch as a trainer receives it; None for a batch this cannot read (the
     prompts GRPO/RLOO generate from)."""
-    if not isinstance(inputs, dict) or "input_ids" not in inputs and "chosen_input_ids" not in inputs:
+    if not isinstance(inputs, Mapping) or "input_ids" not in inputs and "chosen_input_ids" not in inputs:
         return None
     real = inputs.get("real_tokens")  # PackedCollator: rows carry no attention mask
     if real is None:
@@ -193,14 +194,14 @@ def instrument(trainer, peak_seconds: float) -> Throughput:
 
     def counted_training_step(self, model, inputs, *args, **kwargs):
         counts = batch_tokens(inputs)
-        if isinstance(inputs, dict):
+        if isinstance(inputs, Mapping):
             inputs.pop("real_tokens", None)
             rows = next((len(v) for k, v in inputs.items() if k.endswith("input_ids")), 0)
             meter.add(counts, rows)
         return training_step(model, inputs, *args, **kwargs)
 
     def uncounted_prediction_step(self, model, inputs, *args, **kwargs):
-        if isinstance(inputs, dict):
+        if isinstance(inputs, Mapping):
             inputs.pop("real_tokens", None)
         return prediction_step(model, inputs, *args, **kwargs)
 
