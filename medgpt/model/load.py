@@ -204,12 +204,18 @@ def _load_adapter(net, model: ModelArgs, finetune):
     if ft_type == "full":
         log(f"--finetune.type full with --model.adapter: merged {model.adapter} into the base; every weight trains")
         net = net.merge_and_unload().requires_grad_(True)
+    elif ft_type in ("lora", "qlora"):
+        from medgpt.model.dropout import use_cpu_dropout
+
+        use_cpu_dropout(net)
     return net
 
 
 def add_lora(net, finetune, task: str = "causal_lm", train_embeddings: bool = False, quantized: bool = False,
              gradient_checkpointing: bool = False):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from medgpt.model.dropout import use_cpu_dropout
 
     if quantized:
         net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=gradient_checkpointing)
@@ -224,10 +230,12 @@ def add_lora(net, finetune, task: str = "causal_lm", train_embeddings: bool = Fa
                         target_modules=target, modules_to_save=save or None,
                         task_type="SEQ_CLS" if task == "seq_cls" else "CAUSAL_LM")
     try:
-        return get_peft_model(net, config)
+        net = get_peft_model(net, config)
     except ValueError as e:
         raise MedGPTError(f"cannot add LoRA to this model: {e}. Check --finetune.target_modules "
                           f"(module names such as q_proj,v_proj, or all-linear).") from None
+    use_cpu_dropout(net)
+    return net
 
 
 def load_reward_model(path: str, dtype: str = "auto"):
