@@ -90,9 +90,12 @@ def test_model_flops_of_lora_and_full(tiny_llama):
 
 
 @pytest.mark.parametrize("packing", ["true", "false"])
-def test_sft_reports_tokens_per_second_and_mfu(tiny_llama, tmp_path, packing):
+def test_sft_reports_tokens_per_second_and_mfu(tiny_llama, tmp_path, packing, monkeypatch):
     from medgpt.cli import main
 
+    rows = []
+    collate = PackedCollator.__call__
+    monkeypatch.setattr(PackedCollator, "__call__", lambda self, ex: rows.append(self.flatten) or collate(self, ex))
     out = tmp_path / "out"
     assert main(["sft", "--model.name_or_path", str(tiny_llama), "--data.train_files",
                  "data/demo/sft_sharegpt.jsonl", "--data.max_samples", "24", "--template", "chatml",
@@ -101,3 +104,23 @@ def test_sft_reports_tokens_per_second_and_mfu(tiny_llama, tmp_path, packing):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["tokens_per_second"] > metrics["trained_tokens_per_second"] > 0
     assert 0 < metrics["mfu"] < 1 and metrics["peak_gflops"] > 0 and metrics["speed_steps"] == 2
+    if packing == "true":  # on CPU, a batch of packed rows is one padding-free row (model/attention.py)
+        assert rows and all(rows)
+
+
+def test_matmul_peak_is_what_the_machine_sustains_not_dragged_down_by_a_stall(monkeypatch):
+    import time
+
+    device = torch.device("cpu")
+    steady = speed.matmul_peak.__wrapped__(device, torch.float32, 0.3, n=128)  # not the per-process cache
+    matmul, calls = torch.matmul, []
+
+    def stalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            time.sleep(0.2)  # another process took the cores for two thirds of the window
+        return matmul(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "matmul", stalled)
+    # the mean over the window would be about a third of the steady rate
+    assert speed.matmul_peak.__wrapped__(device, torch.float32, 0.3, n=128) > 0.5 * steady

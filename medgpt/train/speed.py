@@ -12,7 +12,8 @@ dtype, --train.peak_seconds; a CPU has no datasheet peak). Model FLOPs count onl
   - each weight a token multiplies through: 2 FLOPs forward, 2 for the input gradient, 2 more for the weight
     gradient when that weight trains (so 6N for full fine-tuning, 4N for the frozen base under LoRA);
   - the output head only at trained positions (its logits are needed nowhere else; see below);
-  - attention: 6 x layers x hidden x the mean row length (causal: a token attends to half the row on average).
+  - attention: 6 x layers x hidden x the mean sequence length (causal: a token attends to half its sequence on
+    average; a packed row's samples attend only to themselves, model/attention.py, so a sample is the sequence).
 
 Compact head on CPU. TRL computes the loss through a fused, chunked LM head that scores only the positions whose
 label trains, but only on Triton devices (elsewhere it scores every position, to keep tile shapes fixed for
@@ -77,13 +78,15 @@ def matmul_peak(device, dtype, seconds: float, n: int = 2048) -> float:
     torch.matmul(a, b, out=c)  # warm-up: kernel choice, thread pool
     sync()
     chunk = 20 if device.type == "cuda" else 1  # GPU launches are asynchronous: sync per chunk, not per matmul
-    iters, start = 0, time.perf_counter()
-    while iters < 2 or time.perf_counter() - start < seconds:
+    times, start = [], time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - start < seconds:
+        t = time.perf_counter()
         for _ in range(chunk):
             torch.matmul(a, b, out=c)
-        iters += chunk
         sync()
-    return 2 * n ** 3 * iters / (time.perf_counter() - start)
+        times.append((time.perf_counter() - t) / chunk)
+    # the median matmul: what the machine sustains, not dragged down by a stray interruption
+    return 2 * n ** 3 / sorted(times)[len(times) // 2]
 
 
 def measured_peak(device, dtype, seconds: float) -> float | None:
@@ -182,7 +185,7 @@ class Throughput:
 
 def instrument(trainer, peak_seconds: float) -> Throughput:
     """Count every training batch of `trainer` and add the speeds to its logs (see the module docstring). Batches
-    from PackedCollator carry `real_tokens`, which is taken out before the model sees them."""
+    from PackedCollator carry `real_tokens` and `real_samples`, taken out before the model sees them."""
     import torch
     from transformers import TrainerCallback
 
@@ -196,13 +199,15 @@ def instrument(trainer, peak_seconds: float) -> Throughput:
         counts = batch_tokens(inputs)
         if isinstance(inputs, Mapping):
             inputs.pop("real_tokens", None)
-            rows = next((len(v) for k, v in inputs.items() if k.endswith("input_ids")), 0)
+            rows = inputs.pop("real_samples", None) or \
+                next((len(v) for k, v in inputs.items() if k.endswith("input_ids")), 0)
             meter.add(counts, rows)
         return training_step(model, inputs, *args, **kwargs)
 
     def uncounted_prediction_step(self, model, inputs, *args, **kwargs):
         if isinstance(inputs, Mapping):
             inputs.pop("real_tokens", None)
+            inputs.pop("real_samples", None)
         return prediction_step(model, inputs, *args, **kwargs)
 
     def log_with_speed(self, logs, *args, **kwargs):
