@@ -339,15 +339,27 @@ class PackedCollator:
     forms its own block and never mixes with real tokens). No attention mask: transformers derives the
     per-sample mask from the position ids. The first token of each sample is never a target, so no sample
     learns to predict across a boundary. With real_tokens, each batch also says how many of its tokens are not
-    padding (`real_tokens`; train/speed.py counts and removes it before the model sees the batch)."""
+    padding and how many samples it holds (`real_tokens`, `real_samples`; train/speed.py counts them and takes
+    them out before the model sees the batch).
 
-    def __init__(self, pad_token_id: int, real_tokens: bool = False):
+    flatten: the batch becomes one row holding all its samples, with no padding at all (padding-free, as TRL's
+    `padding_free`). Same samples, same loss; only for a model that attends per sample (model/attention.py on
+    CPU), where a longer row costs no more attention and the padding it saves is pure gain."""
+
+    def __init__(self, pad_token_id: int, real_tokens: bool = False, flatten: bool = False):
         self.pad_token_id = pad_token_id
         self.real_tokens = real_tokens
+        self.flatten = flatten
 
     def __call__(self, examples: list[dict]) -> dict:
         import torch
 
+        real = sum(len(e["input_ids"]) for e in examples)
+        samples = sum(len(e.get("seq_lengths") or [0]) for e in examples)
+        if self.flatten and len(examples) > 1:
+            examples = [{"input_ids": [t for e in examples for t in e["input_ids"]],
+                         "labels": [t for e in examples for t in e["labels"]],
+                         "seq_lengths": [n for e in examples for n in e.get("seq_lengths") or [len(e["input_ids"])]]}]
         width = max(len(e["input_ids"]) for e in examples)
         ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -366,5 +378,5 @@ class PackedCollator:
         # of a row would attend to each other (the Trainer turns the cache off too; this keeps any caller safe).
         batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "use_cache": False}
         if self.real_tokens:
-            batch["real_tokens"] = sum(len(e["input_ids"]) for e in examples)
+            batch["real_tokens"], batch["real_samples"] = real, samples
         return batch

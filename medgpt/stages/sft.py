@@ -10,9 +10,10 @@ same template (it is saved into the output tokenizer).
 
 Packing (--sft.packing): conversations are packed best-fit into rows of max_length with position ids
 restarting per conversation; transformers turns those into a block-diagonal causal mask for sdpa/eager and
-variable-length kernels for flash-attention, so no token attends across conversations. Rows stay separate
-(not one flattened sequence per batch, as TRL's padding-free mode does), so attention never costs more than
-the padded batch would: the flattened form is only cheaper with flash-attention, and slower on CPU and sdpa.
+variable-length kernels for flash-attention, so no token attends across conversations. On CPU each conversation
+attends only to itself (model/attention.py: no work on the masked-out blocks), so a batch's rows are joined into
+one row with no padding (TRL's padding-free form); elsewhere rows stay separate, so that a masked kernel never
+costs more than the padded batch would.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def run(cfg: Config) -> int:
     from medgpt.data.prepare import PackedCollator, chat_dataset, pack
     from medgpt.data.templates import apply_template, get_template_for
     from medgpt.data.validate import load_splits
+    from medgpt.model.attention import use_packed_attention
     from medgpt.model.load import load_model, load_tokenizer
     from medgpt.train import run as R
 
@@ -67,6 +69,8 @@ def run(cfg: Config) -> int:
     model = load_model(cfg.model, cfg.finetune, gradient_checkpointing=cfg.train.gradient_checkpointing,
                        vocab_size=len(tokenizer))
     R.log_parameters(model)
+    # packed rows on CPU: each sample attends only to itself, so a batch is one row with no padding at all
+    flatten = cfg.sft.packing and use_packed_attention(model) and next(model.parameters()).device.type == "cpu"
     apply_template(tokenizer, template)  # the saved tokenizer renders exactly what we trained on
 
     args = SFTConfig(
@@ -75,9 +79,10 @@ def run(cfg: Config) -> int:
         neftune_noise_alpha=cfg.sft.neftune_noise_alpha,
         dataset_num_proc=None,
     )
+    collator = PackedCollator(tokenizer.pad_token_id, real_tokens=True, flatten=flatten) if cfg.sft.packing else None
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[R.checkpoint_callback()],
-                         data_collator=PackedCollator(tokenizer.pad_token_id, real_tokens=True) if cfg.sft.packing else None)
+                         data_collator=collator)
     result = R.train(trainer, cfg, out)
     metrics = dict(result.metrics)
     if eval_ds is not None:

@@ -161,9 +161,11 @@ def train(trainer, cfg, out: Path):
     from transformers import TrainerState
     from transformers.trainer_utils import TrainOutput
 
+    from medgpt.model.attention import use_packed_attention
     from medgpt.train.speed import compact_lm_head, instrument
 
     compact_lm_head()
+    use_packed_attention(trainer.model)
     trainer.medgpt_speed = instrument(trainer, cfg.train.peak_seconds)
     ckpt = resume_checkpoint(cfg, out)
     state_file = Path(ckpt or "") / "trainer_state.json"
