@@ -67,13 +67,17 @@ def test_throughput_skips_the_first_step_and_counts_flops():
     meter.add((50, 5), 1)  # first step: not counted
     meter.step_done()
     assert meter.summary() == {}
+    meter.step_done()
+    meter.end = meter.start + 3.0
+    assert meter.summary() == {"seconds_per_step": 3.0, "speed_steps": 1}  # no batch read (GRPO's prompts)
     meter.add((40, 20), 2)
     meter.step_done()
-    meter.end = meter.start + 2.0
+    meter.end = meter.start + 4.0
     s = meter.summary()
-    assert s["tokens_per_second"] == 20 and s["trained_tokens_per_second"] == 10
+    assert s["seconds_per_step"] == 2.0
+    assert s["tokens_per_second"] == 10 and s["trained_tokens_per_second"] == 5
     flops = 40 * (100 + 1 * 20) + 20 * 10  # mean row 20 tokens
-    assert s["model_gflops_per_second"] == round(flops / 2 / 1e9, 2) and s["mfu"] == round(flops / 2 / 1e3, 4)
+    assert s["model_gflops_per_second"] == round(flops / 4 / 1e9, 2) and s["mfu"] == round(flops / 4 / 1e3, 4)
 
 
 def test_model_flops_of_lora_and_full(tiny_llama):

@@ -229,12 +229,14 @@ class PPOTrainer:
         started = time.time()
         bar = tqdm(total=self.max_steps, initial=self.step, desc="ppo", disable=not is_main_process())
         while self.step < self.max_steps:
+            step_started = time.perf_counter()
             roll = self.rollout(self.batch(self.step))
             stats = {**roll["stats"], **self.update(roll)}
             stats["kl_coef"], stats["learning_rate"] = self.kl_coef, self.scheduler.get_last_lr()[0]
             self.scheduler.step()
             self.adapt_kl(roll["stats"]["kl"])
             self.step += 1
+            stats["seconds"] = time.perf_counter() - step_started  # rollout + update
             self.history.append({"step": self.step, **stats})
             add_scalars(writer, "train", stats, self.step)
             bar.update(1)
@@ -253,10 +255,15 @@ class PPOTrainer:
         if not h:
             raise MedGPTError("PPO ran no step: --train.max_steps is already reached by the checkpoint resumed from.")
         k = min(5, len(h))
+        # the first step warms up (thread pools, allocator): as in the trainer stages, it is left out (a resumed
+        # run's earlier steps count as they were timed then)
+        timed = [r["seconds"] for r in h if "seconds" in r]
+        timed = timed[1:] or timed
         mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
         return {"train_loss": mean(h, "loss"), "score": h[-1]["score"], "kl": h[-1]["kl"],
                 "score_first": mean(h[:k], "score"), "score_last": mean(h[-k:], "score"),
-                "response_length": h[-1]["response_length"], "train_runtime": runtime, "global_step": self.step}
+                "response_length": h[-1]["response_length"], "train_runtime": runtime, "global_step": self.step,
+                "seconds_per_step": sum(timed) / len(timed) if timed else float("nan")}
 
     # ------------------------------------------------------------------------------------------- saving
 

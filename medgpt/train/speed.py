@@ -167,17 +167,20 @@ class Throughput:
         self.end = now
 
     def summary(self) -> dict[str, float]:
-        """tokens_per_second, trained_tokens_per_second, mfu (with the peak and FLOPs it is based on); {} before two
-        steps or when no batch could be read."""
+        """seconds_per_step; tokens_per_second, trained_tokens_per_second, mfu (with the peak and FLOPs it is based
+        on) unless no batch could be read (the prompts GRPO/RLOO generate from); {} before two steps."""
         seconds = (self.end or 0) - (self.start or 0)
-        if seconds <= 0 or not self.real:
+        if seconds <= 0:
             return {}
+        per_step = {"seconds_per_step": round(seconds / (self.steps - 1), 3), "speed_steps": self.steps - 1}
+        if not self.real:
+            return per_step
         mean_row = self.real / max(self.rows, 1)
         flops = self.real * (self.flops["body"] + self.flops["attention"] * mean_row) + \
             self.trained * self.flops["head"]
         out = {"tokens_per_second": round(self.real / seconds, 1),
                "trained_tokens_per_second": round(self.trained / seconds, 1),
-               "model_gflops_per_second": round(flops / seconds / 1e9, 2), "speed_steps": self.steps - 1}
+               "model_gflops_per_second": round(flops / seconds / 1e9, 2), **per_step}
         if self.peak:
             out |= {"mfu": round(flops / seconds / self.peak, 4), "peak_gflops": round(self.peak / 1e9, 1)}
         return out
@@ -213,7 +216,8 @@ def instrument(trainer, peak_seconds: float) -> Throughput:
     def log_with_speed(self, logs, *args, **kwargs):
         if "loss" in logs:
             speed = meter.summary()
-            logs.update({k: speed[k] for k in ("tokens_per_second", "trained_tokens_per_second", "mfu") if k in speed})
+            logs.update({k: speed[k] for k in ("tokens_per_second", "trained_tokens_per_second", "mfu",
+                                               "seconds_per_step") if k in speed})
         return log_fn(logs, *args, **kwargs)
 
     class StepClock(TrainerCallback):

@@ -60,6 +60,7 @@ def test_ppo_reward_model_trains_and_saves(ft, clip, tiny_llama, tiny_llama_cls,
     assert metrics["global_step"] == 2
     steps = history(out)
     assert [h["step"] for h in steps] == [1, 2]
+    assert metrics["seconds_per_step"] == steps[1]["seconds"] > 0  # rollout + update; step 1 warms up
     for key in ("score", "kl", "policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy", "response_length"):
         assert all(math.isfinite(h[key]) for h in steps), key
     # The first rollout's policy IS the reference (a frozen copy / the adapters switched off): KL exactly 0.
