@@ -91,7 +91,7 @@ class ServeArgs:
                                  min=1)
     max_tokens: int = arg(2048, "Largest max_tokens a request may ask for.", min=1)
     max_body_bytes: int = arg(1 << 20, "Largest request body in bytes; bigger ones get 413.", min=1)
-    batching: Literal["continuous", "static"] = arg("static", "continuous (new, opt-in): requests join and leave the running "
+    batching: Literal["continuous", "static"] = arg("continuous", "continuous: requests join and leave the running "
                                                     "batch between decoding steps (a short answer never waits for a "
                                                     "long one). static: a batch runs to its longest answer before the "
                                                     "next starts.")
