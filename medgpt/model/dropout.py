@@ -1,13 +1,13 @@
-"""LoRA dropout that costs a fifth of PyTorch's on CPU.
+"""LoRA dropout that costs less than half of PyTorch's on CPU.
 
-PEFT puts an `nn.Dropout` in front of every adapter. On CPU, PyTorch draws its mask with `bernoulli_`, one
-random number per element: on SmolLM2-135M with LoRA on every linear layer that was 15% of a training step, more
-than attention (docs/training.md, "Speed"). `CpuDropout` draws 16 random bits per element instead, four to a
-64-bit draw, and drops an element when its bits fall below p x 65536: the same Bernoulli mask up to p rounded to
-a multiple of 1/65536 (0.05 stays 0.05 to 1e-5), scaled by 1/(1 - that p) so the expectation is exact. It is
-drawn from torch's default generator (seeded runs repeat). The mask is applied as a float multiply (boolean
-`where` is 9x slower on CPU) and kept for the backward as the 16-bit draws it came from (2 bytes per element,
-rebuilt there). Off the CPU, and in eval mode, it is nn.Dropout.
+PEFT puts an `nn.Dropout` in front of every adapter. On CPU, PyTorch draws its mask with `bernoulli_`, one random
+number per element: on SmolLM2-135M with LoRA on every linear layer that was 15% of a training step, more than
+attention; with `CpuDropout` it is 7% (docs/training.md, "Speed"). `CpuDropout` draws 16 random bits per element
+instead, four to a 64-bit draw, and drops an element when its bits fall below p x 65536: the same Bernoulli mask
+up to p rounded to a multiple of 1/65536 (0.05 stays 0.05 to 1e-5), scaled by 1/(1 - that p) so the expectation is
+exact. It is drawn from torch's default generator (seeded runs repeat). The mask is applied as a float multiply
+(boolean `where` is 9x slower on CPU) and kept for the backward as the 16-bit draws it came from (2 bytes per
+element, rebuilt there). Off the CPU, and in eval mode, it is nn.Dropout.
 """
 
 from __future__ import annotations
